@@ -1,0 +1,156 @@
+"""``TranscoderTrainingRunner``: SAELens's training runner, fed MLP input/output pairs."""
+
+import copy
+import logging
+from typing import Any
+
+from sae_lens.config import HfDataset, LanguageModelSAERunnerConfig
+from sae_lens.llm_sae_training_runner import LanguageModelSAETrainingRunner
+from sae_lens.load_model import load_model as sae_lens_load_model
+from sae_lens.saes.sae import TrainingSAE
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookedRootModule
+
+from sae_lens_transcoder.hooks import (
+    default_input_hook,
+    hook_layer,
+    mlp_out_hook,
+    validate_transcoder_hooks,
+)
+
+from sae_lens_transcoder.saes.transcoder import TrainingTranscoder, TrainingTranscoderConfig
+from sae_lens_transcoder.training.activations_store import TranscoderActivationsStore
+from sae_lens_transcoder.training.evaluator import TranscoderEvaluator
+
+logger = logging.getLogger(__name__)
+
+SAE_LENS_DEFAULT_HOOK = LanguageModelSAERunnerConfig.__dataclass_fields__["hook_name"].default
+
+
+def validate_runner_config(cfg: LanguageModelSAERunnerConfig[Any]) -> None:
+    """Checks that need no model: run them before anything slow happens."""
+    if not isinstance(cfg.sae, TrainingTranscoderConfig):
+        raise ValueError(
+            f"sae.architecture is {cfg.sae.architecture()!r}; TranscoderTrainingRunner "
+            "trains sae.architecture: transcoder (import sae_lens_transcoder first)."
+        )
+    if cfg.use_cached_activations:
+        raise ValueError(
+            "use_cached_activations=True is not supported for transcoders: SAELens caches "
+            "one hook, a transcoder needs the MLP input and output of the same tokens. "
+            "Set use_cached_activations: false."
+        )
+    if cfg.hook_head_index is not None:
+        raise ValueError("hook_head_index must be None for an MLP transcoder.")
+    if cfg.model_class_name != "HookedTransformer":
+        raise ValueError(
+            f"model_class_name={cfg.model_class_name!r}: transcoder training needs a "
+            "TransformerLens HookedTransformer (its MLP hooks). Set model_class_name: HookedTransformer."
+        )
+    buffer_tokens = cfg.n_batches_in_buffer * cfg.context_size
+    if buffer_tokens < cfg.train_batch_size_tokens:
+        raise ValueError(
+            f"n_batches_in_buffer × context_size = {buffer_tokens} tokens is smaller than "
+            f"train_batch_size_tokens={cfg.train_batch_size_tokens}; raise n_batches_in_buffer "
+            f"to at least {-(-cfg.train_batch_size_tokens // cfg.context_size)}."
+        )
+    sae = cfg.sae
+    if sae.mlp_layer is not None:
+        if cfg.hook_name != SAE_LENS_DEFAULT_HOOK and hook_layer(cfg.hook_name) != sae.mlp_layer:
+            raise ValueError(
+                f"sae.mlp_layer={sae.mlp_layer} disagrees with hook_name={cfg.hook_name!r}; "
+                "give one of them."
+            )
+        sae.hook_name_out = sae.hook_name_out or mlp_out_hook(sae.mlp_layer)
+    elif cfg.hook_name == SAE_LENS_DEFAULT_HOOK:
+        raise ValueError(
+            f"hook_name is SAELens's default {SAE_LENS_DEFAULT_HOOK!r}, an MLP *output*. "
+            "Set sae.mlp_layer (e.g. mlp_layer: 3) to pick the MLP's exact input and output "
+            "hooks, or set hook_name to the MLP input (e.g. 'blocks.3.mlp.hook_in')."
+        )
+    else:
+        sae.hook_name_out = sae.hook_name_out or mlp_out_hook(hook_layer(cfg.hook_name))
+    if sae.hook_name_out == cfg.hook_name:
+        raise ValueError(
+            f"hook_name and sae.hook_name_out are both {cfg.hook_name!r}; a transcoder "
+            "reads the MLP input (hook_name) and predicts the MLP output (hook_name_out)."
+        )
+
+
+class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
+    """Train a transcoder with SAELens's runner: same checkpoints, resume, wandb, prefetch.
+
+    ``run``, ``save_final_sae``, checkpointing and interruption handling are inherited.
+    """
+
+    def __init__(
+        self,
+        cfg: LanguageModelSAERunnerConfig[TrainingTranscoderConfig],
+        override_dataset: HfDataset | None = None,
+        override_model: HookedRootModule | None = None,
+        override_sae: TrainingSAE[Any] | None = None,
+    ):
+        # SAELens's __init__ builds a single-hook store and its stock evaluator inline
+        # (no factory seam), so this builds the runner's parts itself.
+        validate_runner_config(cfg)
+        self.cfg = cfg
+        self.model = override_model if override_model is not None else self._load_model()
+        if not isinstance(self.model, HookedTransformer):
+            raise ValueError("TranscoderTrainingRunner needs a HookedTransformer model.")
+        self._resolve_and_validate_hooks()
+        self._compile_llm_if_needed()
+        self.activations_store = TranscoderActivationsStore.from_runner_config(
+            self.model, cfg, override_dataset=override_dataset
+        )
+        self.sae = override_sae if override_sae is not None else self._build_sae()
+        self.sae.to(cfg.device)
+        assert cfg.sae.hook_name_out is not None
+        self.evaluator = TranscoderEvaluator(  # type: ignore[assignment]
+            model=self.model,
+            activations_store=self.activations_store,
+            hook_name=cfg.hook_name,
+            hook_name_out=cfg.sae.hook_name_out,
+            n_eval_batches=cfg.n_eval_batches,
+            eval_batch_size_prompts=cfg.eval_batch_size_prompts,
+        )
+
+    def _load_model(self) -> HookedRootModule:
+        from sae_lens_transcoder import models  # noqa: PLC0415
+
+        cfg = self.cfg
+        assert cfg.llm_device is not None  # set in cfg.__post_init__
+        if models.is_embedded_model_name(cfg.model_name) or models.is_local_model_dir(cfg.model_name):
+            return models.load_model(
+                cfg.model_name, device=cfg.llm_device, **(cfg.model_from_pretrained_kwargs or {})
+            )
+        return sae_lens_load_model(
+            cfg.model_class_name,
+            cfg.model_name,
+            device=cfg.llm_device,
+            model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
+        )
+
+    def _resolve_and_validate_hooks(self) -> None:
+        sae_cfg = self.cfg.sae
+        assert isinstance(self.model, HookedTransformer)
+        if sae_cfg.mlp_layer is not None and self.cfg.hook_name == SAE_LENS_DEFAULT_HOOK:
+            self.cfg.hook_name = default_input_hook(self.model, sae_cfg.mlp_layer)
+        assert sae_cfg.hook_name_out is not None and sae_cfg.d_out is not None
+        validate_transcoder_hooks(
+            self.model,
+            self.cfg.hook_name,
+            sae_cfg.hook_name_out,
+            d_in=sae_cfg.d_in,
+            d_out=sae_cfg.d_out,
+            allow_inexact_mlp_input=sae_cfg.allow_inexact_mlp_input,
+        )
+
+    def _build_sae(self) -> TrainingSAE[Any]:
+        if self.cfg.from_pretrained_path is not None:
+            return TrainingSAE.load_from_disk(self.cfg.from_pretrained_path, self.cfg.device)
+        return TrainingTranscoder(copy.deepcopy(self.cfg.sae))
+
+    def _set_sae_metadata(self) -> None:
+        super()._set_sae_metadata()
+        # SAELens's runner records only the input hook; Transcoder loading needs both.
+        self.sae.cfg.metadata.hook_name_out = self.cfg.sae.hook_name_out
