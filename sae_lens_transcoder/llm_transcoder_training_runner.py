@@ -1,16 +1,25 @@
 """``TranscoderTrainingRunner``: SAELens's training runner, fed MLP input/output pairs."""
 
 import copy
+import json
 import logging
+import os
+import shutil
+import signal
+import uuid
+from pathlib import Path
 from typing import Any
 
 from sae_lens.config import HfDataset, LanguageModelSAERunnerConfig
 from sae_lens.llm_sae_training_runner import LanguageModelSAETrainingRunner
 from sae_lens.load_model import load_model as sae_lens_load_model
-from sae_lens.saes.sae import TrainingSAE
+from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
+from sae_lens.training._interruption import InterruptedException, interrupt_callback
+from sae_lens.training.sae_trainer import SAETrainer
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule
 
+from sae_lens_transcoder import models
 from sae_lens_transcoder.hooks import (
     default_input_hook,
     hook_layer,
@@ -24,6 +33,7 @@ from sae_lens_transcoder.training.evaluator import TranscoderEvaluator
 
 logger = logging.getLogger(__name__)
 
+CHECKPOINT_COMPLETE_FILENAME = "checkpoint_complete.json"
 SAE_LENS_DEFAULT_HOOK = LanguageModelSAERunnerConfig.__dataclass_fields__["hook_name"].default
 
 
@@ -77,6 +87,16 @@ def validate_runner_config(cfg: LanguageModelSAERunnerConfig[Any]) -> None:
         )
 
 
+def require_complete_checkpoint(path: str | Path) -> None:
+    """Refuse to resume from a checkpoint whose writing did not finish."""
+    if not (Path(path) / CHECKPOINT_COMPLETE_FILENAME).is_file():
+        raise ValueError(
+            f"resume_from_checkpoint={str(path)!r} is not a complete checkpoint (no "
+            f"{CHECKPOINT_COMPLETE_FILENAME}; it was interrupted while being written or is "
+            "not a checkpoint). Resume from an earlier checkpoint of the run."
+        )
+
+
 class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
     """Train a transcoder with SAELens's runner: same checkpoints, resume, wandb, prefetch.
 
@@ -93,6 +113,8 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         # SAELens's __init__ builds a single-hook store and its stock evaluator inline
         # (no factory seam), so this builds the runner's parts itself.
         validate_runner_config(cfg)
+        if cfg.resume_from_checkpoint is not None:
+            require_complete_checkpoint(cfg.resume_from_checkpoint)
         self.cfg = cfg
         self.model = override_model if override_model is not None else self._load_model()
         if not isinstance(self.model, HookedTransformer):
@@ -115,8 +137,6 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         )
 
     def _load_model(self) -> HookedRootModule:
-        from sae_lens_transcoder import models  # noqa: PLC0415
-
         cfg = self.cfg
         assert cfg.llm_device is not None  # set in cfg.__post_init__
         if models.is_embedded_model_name(cfg.model_name) or models.is_local_model_dir(cfg.model_name):
@@ -154,3 +174,43 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         super()._set_sae_metadata()
         # SAELens's runner records only the input hook; Transcoder loading needs both.
         self.sae.cfg.metadata.hook_name_out = self.cfg.sae.hook_name_out
+
+    def save_checkpoint(self, checkpoint_path: Path | None) -> None:
+        # Called last by SAETrainer.save_checkpoint, after weights and trainer state.
+        super().save_checkpoint(checkpoint_path)
+        if checkpoint_path is not None:
+            marker = Path(checkpoint_path) / CHECKPOINT_COMPLETE_FILENAME
+            tmp = marker.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"complete": True}))
+            os.replace(tmp, marker)
+
+    def run_trainer_with_interruption_handling(
+        self, trainer: SAETrainer[TrainingSAE[TrainingSAEConfig], TrainingSAEConfig]
+    ) -> TrainingSAE[Any]:
+        # SAELens's handler saves only the dataset position on SIGINT/SIGTERM (no weights,
+        # optimizer or scaler), which cannot be resumed; save a full checkpoint instead.
+        try:
+            signal.signal(signal.SIGINT, interrupt_callback)
+            signal.signal(signal.SIGTERM, interrupt_callback)
+            return trainer.fit()
+        except (KeyboardInterrupt, InterruptedException):
+            if self.cfg.checkpoint_path is not None:
+                logger.warning("interrupted: saving a resumable checkpoint")
+                trainer.save_checkpoint(checkpoint_name=str(trainer.n_training_samples))
+            raise
+
+    def save_final_sae(
+        self,
+        sae: TrainingSAE[Any],
+        output_path: str,
+        log_feature_sparsity: Any = None,
+    ) -> None:
+        # Written beside the target and renamed into place, so a crash never leaves a
+        # half-written transcoder where SAE.load_from_disk would read it.
+        final = Path(output_path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        partial = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
+        super().save_final_sae(sae, str(partial), log_feature_sparsity)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)

@@ -1,0 +1,152 @@
+"""End-to-end training through SAELens's runner on a real HookedTransformer."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from sae_lens import SAE, LanguageModelSAERunnerConfig, Transcoder
+from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
+from sae_lens.training._interruption import InterruptedException
+from transformer_lens import HookedTransformer
+
+from sae_lens_transcoder import TrainingTranscoder, TrainingTranscoderConfig, TranscoderTrainingRunner
+from sae_lens_transcoder.evals import evaluate_spliced
+from sae_lens_transcoder.llm_transcoder_training_runner import CHECKPOINT_COMPLETE_FILENAME
+from sae_lens_transcoder.splicing import Splice
+from tests.conftest import CONTEXT, D_MODEL, D_VOCAB
+
+MakeConfig = Callable[..., LanguageModelSAERunnerConfig[TrainingTranscoderConfig]]
+
+
+def _eval_tokens() -> torch.Tensor:
+    return torch.randint(1, D_VOCAB, (8, CONTEXT), generator=torch.Generator().manual_seed(7))
+
+
+def test_training_lowers_mse_and_raises_ev_against_mlp_out(
+    make_runner_config: MakeConfig, gpt2_model: HookedTransformer, token_dataset: Any
+) -> None:
+    cfg = make_runner_config()
+    runner = TranscoderTrainingRunner(cfg, override_model=gpt2_model, override_dataset=token_dataset)
+    assert runner.cfg.hook_name == "blocks.1.mlp.hook_in"
+    before = evaluate_spliced(gpt2_model, [Splice(runner.sae, cfg.hook_name, "blocks.1.hook_mlp_out")], _eval_tokens())
+    sae = runner.run()
+    after = evaluate_spliced(gpt2_model, [sae], _eval_tokens())
+    assert after["mse"] < 0.3 * before["mse"]
+    assert before["explained_variance"] < 0.2 < 0.6 < after["explained_variance"]
+
+
+LOAD_WITHOUT_PLUGIN = """
+import sys, torch
+from sae_lens import SAE, Transcoder
+sae = SAE.load_from_disk(sys.argv[1])
+assert "sae_lens_transcoder" not in sys.modules
+assert type(sae) is Transcoder, type(sae)
+x = torch.load(sys.argv[2])
+torch.save({"y": sae(x), "acts": sae.encode(x), "hook_name": sae.cfg.metadata.hook_name,
+            "hook_name_out": sae.cfg.metadata.hook_name_out, "d_out": sae.cfg.d_out}, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("normalize", ["none", "expected_average_only_in"])
+def test_saved_transcoder_loads_in_plain_sae_lens_with_identical_outputs(
+    make_runner_config: MakeConfig, gpt2_model: HookedTransformer, token_dataset: Any, tmp_path: Path, normalize: str
+) -> None:
+    out = tmp_path / "tc"
+    cfg = make_runner_config(output_path=str(out), training_tokens=CONTEXT * 40, sae={"normalize_activations": normalize})
+    sae = TranscoderTrainingRunner(cfg, override_model=gpt2_model, override_dataset=token_dataset).run()
+    saved = json.loads((out / "cfg.json").read_text())
+    assert saved["architecture"] == "transcoder" and saved["normalize_activations"] == "none"
+    assert saved["metadata"]["hook_name_out"] == "blocks.1.hook_mlp_out"
+    assert not list(tmp_path.glob(".tc.partial-*"))
+    x = torch.randn(16, D_MODEL) * 3
+    torch.save(x, tmp_path / "x.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_PLUGIN, str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = torch.load(tmp_path / "y.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded["y"], sae(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(loaded["acts"], sae.encode(x), rtol=1e-6, atol=1e-6)
+    assert (loaded["hook_name"], loaded["hook_name_out"], loaded["d_out"]) == ("blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out", D_MODEL)
+
+
+def test_scaling_factor_folds_exactly_into_saved_weights(tmp_path: Path) -> None:
+    cfg = TrainingTranscoderConfig(d_in=D_MODEL, d_sae=96, d_out=48, normalize_activations="expected_average_only_in")
+    tc = TrainingTranscoder(cfg)
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    scale, x = 0.37, torch.randn(32, D_MODEL) * 4
+    with torch.no_grad():
+        scaled_out = tc(x * scale)
+        tc.fold_activation_norm_scaling_factor(scale)
+    tc.save_inference_model(tmp_path)
+    loaded = SAE.load_from_disk(tmp_path)
+    assert isinstance(loaded, Transcoder)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x) * scale, scaled_out, rtol=1e-5, atol=1e-5)
+
+
+class _InterruptAfter(TrainingTranscoder):
+    """Sends the process SIGINT after a few steps, like a pre-empted job."""
+
+    steps_before_interrupt = 6
+
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        if step_input.n_training_steps == self.steps_before_interrupt:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().training_forward_pass(step_input)
+
+
+class _RecordingRunner(TranscoderTrainingRunner):
+    def run_trainer_with_interruption_handling(self, trainer: Any) -> Any:
+        self.started_at = (trainer.n_training_samples, trainer.n_training_steps, self.activations_store.n_dataset_processed)
+        return super().run_trainer_with_interruption_handling(trainer)
+
+
+def test_sigint_writes_a_checkpoint_that_resumes_at_the_same_step_and_data_position(
+    make_runner_config: MakeConfig, gpt2_model: HookedTransformer, token_dataset: Any, tmp_path: Path
+) -> None:
+    cfg = make_runner_config(checkpoint_path=str(tmp_path / "ckpt"), output_path=str(tmp_path / "out"))
+    interrupted = TranscoderTrainingRunner(
+        cfg, override_model=gpt2_model, override_dataset=token_dataset,
+        override_sae=_InterruptAfter(cfg.sae),
+    )
+    with pytest.raises((InterruptedException, KeyboardInterrupt)):
+        interrupted.run()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    (checkpoint,) = Path(cfg.checkpoint_path).iterdir()  # type: ignore[arg-type]
+    assert int(checkpoint.name) == 7 * cfg.train_batch_size_tokens
+    assert (checkpoint / CHECKPOINT_COMPLETE_FILENAME).is_file()
+    saved_weights = SAE.load_from_disk(checkpoint)  # the weights at interruption
+    n_dataset_processed = interrupted.activations_store.n_dataset_processed
+
+    resumed_cfg = make_runner_config(
+        checkpoint_path=str(tmp_path / "ckpt2"), output_path=str(tmp_path / "out"), resume_from_checkpoint=str(checkpoint)
+    )
+    resumed = _RecordingRunner(resumed_cfg, override_model=gpt2_model, override_dataset=token_dataset)
+    sae = resumed.run()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # SAETrainer counts the interrupted batch's samples before its step finishes: 7
+    # batches counted, 6 optimiser steps taken. Resume continues from exactly that state.
+    assert resumed.started_at == (7 * cfg.train_batch_size_tokens, 6, n_dataset_processed)
+    assert not torch.equal(sae.W_enc, saved_weights.W_enc)  # it went on training from there
+    assert (tmp_path / "out" / "cfg.json").is_file()
+
+
+def test_half_written_checkpoint_is_refused(make_runner_config: MakeConfig, tmp_path: Path) -> None:
+    broken = tmp_path / "4096"
+    broken.mkdir()
+    (broken / "cfg.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        TranscoderTrainingRunner(make_runner_config(resume_from_checkpoint=str(broken)))
