@@ -140,9 +140,12 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         cfg = self.cfg
         assert cfg.llm_device is not None  # set in cfg.__post_init__
         if models.is_embedded_model_name(cfg.model_name) or models.is_local_model_dir(cfg.model_name):
-            return models.load_model(
-                cfg.model_name, device=cfg.llm_device, **(cfg.model_from_pretrained_kwargs or {})
-            )
+            kwargs = dict(cfg.model_from_pretrained_kwargs or {})
+            # SAELens's config adds this default for every HookedTransformer; our loaders
+            # already do no weight processing unless asked.
+            if kwargs.get("center_writing_weights") is False:
+                del kwargs["center_writing_weights"]
+            return models.load_model(cfg.model_name, device=cfg.llm_device, **kwargs)
         return sae_lens_load_model(
             cfg.model_class_name,
             cfg.model_name,

@@ -59,6 +59,7 @@ def heldout_tokens(
         model.tokenizer,  # type: ignore[arg-type]
         max_length=context_size,
         add_bos_token=prepend_bos,
+        num_proc=1,
     )
     ids = tokenized["tokens"][:n_seq]
     assert isinstance(ids, torch.Tensor)

@@ -1,0 +1,49 @@
+"""Read the metrics an offline wandb run wrote, from its ``run-*.wandb`` log file.
+
+The file is W&B's LevelDB-style record log (a 7-byte file header, 32 KiB blocks of
+records with a 7-byte header each) holding protobuf ``Record`` messages.
+"""
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from wandb.proto import wandb_internal_pb2
+
+BLOCK = 32 * 1024
+HEADER = 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def _payloads(data: bytes) -> list[bytes]:
+    payloads, pending, pos = [], b"", HEADER  # skip the file header
+    while pos + HEADER <= len(data):
+        left_in_block = BLOCK - pos % BLOCK
+        if left_in_block < HEADER:
+            pos += left_in_block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        chunk = data[pos + HEADER : pos + HEADER + length]
+        pos += HEADER + length
+        if kind == FULL:
+            payloads.append(chunk)
+        elif kind == FIRST:
+            pending = chunk
+        elif kind == MIDDLE:
+            pending += chunk
+        elif kind == LAST:
+            payloads.append(pending + chunk)
+        else:
+            break
+    return payloads
+
+
+def history_rows(run_file: Path) -> list[dict[str, Any]]:
+    rows = []
+    for payload in _payloads(run_file.read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item})
+    return rows
