@@ -102,3 +102,12 @@ def test_wandb_offline_records_transcoder_metrics(tmp_path: Path, monkeypatch: p
     assert abs(evals[-1]["eval/explained_variance"] - train[-1]["metrics/explained_variance"]) < 0.15
     for key in ("eval/kl_div", "eval/ce_loss_recovered", "eval/l0", "eval/ce_loss_zero_ablation"):
         assert key in evals[-1]
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_parse_and_validate(config: Path) -> None:
+    from sae_lens_transcoder.llm_transcoder_training_runner import validate_runner_config
+
+    cfg = runner_config_from_args([], config_file=config)
+    validate_runner_config(cfg)
+    assert isinstance(cfg.sae, TrainingTranscoderConfig) and cfg.sae.hook_name_out.endswith("hook_mlp_out")
