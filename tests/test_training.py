@@ -150,3 +150,19 @@ def test_half_written_checkpoint_is_refused(make_runner_config: MakeConfig, tmp_
     (broken / "cfg.json").write_text("{}")
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         TranscoderTrainingRunner(make_runner_config(resume_from_checkpoint=str(broken)))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
+def test_store_batches_are_token_aligned_mlp_input_output_pairs(
+    make_runner_config: MakeConfig, token_dataset: Any, arch: str
+) -> None:
+    from tests.conftest import build_model
+
+    model = build_model(arch)
+    runner = TranscoderTrainingRunner(make_runner_config(), override_model=model, override_dataset=token_dataset)
+    batch = next(runner.activations_store)
+    assert batch.shape == (256, 2 * D_MODEL)
+    x, y = batch[:, :D_MODEL], batch[:, D_MODEL:]
+    with torch.no_grad():
+        # Every shuffled row is still one token's MLP input next to that token's MLP output.
+        torch.testing.assert_close(model.blocks[1].mlp(x[None])[0], y, rtol=1e-5, atol=1e-5)
