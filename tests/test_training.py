@@ -166,3 +166,21 @@ def test_store_batches_are_token_aligned_mlp_input_output_pairs(
     with torch.no_grad():
         # Every shuffled row is still one token's MLP input next to that token's MLP output.
         torch.testing.assert_close(model.blocks[1].mlp(x[None])[0], y, rtol=1e-5, atol=1e-5)
+
+
+def test_b_dec_starts_at_the_mean_output_unless_weights_are_loaded(tmp_path: Path) -> None:
+    from sae_lens.saes.sae import TrainStepInput
+
+    cfg = TrainingTranscoderConfig(d_in=8, d_sae=16, d_out=4)
+    batch = torch.cat([torch.randn(32, 8), torch.randn(32, 4) + 5.0], dim=-1)
+    step = TrainStepInput(batch, {"l1": 1.0}, None, 0, False)
+    fresh = TrainingTranscoder(cfg)
+    fresh.training_forward_pass(step)
+    torch.testing.assert_close(fresh.b_dec.detach(), batch[:, 8:].mean(0))
+    loaded = TrainingTranscoder(cfg)
+    loaded.load_state_dict({**fresh.state_dict(), "b_dec": torch.full((4,), -1.0)})
+    loaded.training_forward_pass(step)
+    torch.testing.assert_close(loaded.b_dec.detach(), torch.full((4,), -1.0))
+    zeros = TrainingTranscoder(TrainingTranscoderConfig(d_in=8, d_sae=16, d_out=4, b_dec_init="zeros"))
+    zeros.training_forward_pass(step)
+    assert zeros.b_dec.abs().sum() == 0

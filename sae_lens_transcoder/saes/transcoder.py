@@ -7,6 +7,7 @@ Inference uses SAELens's own ``Transcoder``, so saved files load without this pl
 """
 
 from dataclasses import dataclass, replace
+from typing import Any, Literal
 import torch
 from torch import nn
 from typing_extensions import override
@@ -24,7 +25,9 @@ class TrainingTranscoderConfig(StandardTrainingSAEConfig):
 
     ``d_out`` defaults to ``d_in`` (MLPs write back to the residual stream they read).
     ``hook_name_out`` defaults to ``blocks.{layer}.hook_mlp_out`` of the runner's
-    input hook. ``mlp_layer`` alone picks both hooks for that layer's MLP. ``allow_inexact_mlp_input`` opts into an input hook that is not
+    input hook. ``mlp_layer`` alone picks both hooks for that layer's MLP.
+    ``b_dec_init="mean"`` sets the output bias to the first batch's mean MLP output, as
+    the paper did; it is skipped whenever weights are loaded (resume, fine-tuning). ``allow_inexact_mlp_input`` opts into an input hook that is not
     exactly what the MLP reads (e.g. ``hook_resid_mid``, as the paper's code allowed).
     """
 
@@ -33,6 +36,7 @@ class TrainingTranscoderConfig(StandardTrainingSAEConfig):
     hook_name_out: str | None = None
     mlp_layer: int | None = None
     allow_inexact_mlp_input: bool = False
+    b_dec_init: Literal["mean", "zeros"] = "mean"
 
     @override
     @classmethod
@@ -58,6 +62,8 @@ class TrainingTranscoderConfig(StandardTrainingSAEConfig):
                 "sae.reshape_activations must be 'none' for a transcoder (it reads an MLP "
                 f"input, not hook_z); got {self.reshape_activations!r}."
             )
+        if self.b_dec_init not in ("mean", "zeros"):
+            raise ValueError(f"sae.b_dec_init must be 'mean' or 'zeros'; got {self.b_dec_init!r}.")
         if self.d_out is None:
             self.d_out = self.d_in
         if self.d_in <= 0 or self.d_sae <= 0 or self.d_out <= 0:
@@ -96,6 +102,8 @@ class TrainingTranscoder(StandardTrainingSAE):
             W_enc *= self.cfg.decoder_init_norm / W_enc.norm(dim=0, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
         self.W_enc = nn.Parameter(W_enc)
+        self._b_dec_init_pending = self.cfg.b_dec_init == "mean"
+        self.register_load_state_dict_post_hook(_mark_b_dec_given)
 
     @override
     def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
@@ -117,6 +125,10 @@ class TrainingTranscoder(StandardTrainingSAE):
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         x, y = self.split_packed(step_input.sae_in)
+        if self._b_dec_init_pending:
+            with torch.no_grad():
+                self.b_dec.copy_(y.mean(0))  # y is already in the trainer's scaled space
+            self._b_dec_init_pending = False
         feature_acts, hidden_pre = self.encode_with_hidden_pre(x)
         y_hat = self.decode(feature_acts)
         mse_loss = self.mse_loss_fn(y_hat, y.to(y_hat.dtype)).sum(dim=-1).mean()
@@ -141,3 +153,8 @@ class TrainingTranscoder(StandardTrainingSAE):
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
+
+
+def _mark_b_dec_given(module: nn.Module, incompatible_keys: Any) -> None:  # noqa: ARG001
+    """Loaded weights already carry a trained b_dec; never overwrite it with a mean."""
+    module._b_dec_init_pending = False  # type: ignore[assignment]
