@@ -13,11 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sae_lens import SAE
+from sae_lens.util import get_special_token_ids
+from transformer_lens import HookedTransformer
 
 import sae_lens_transcoder  # noqa: F401  (registers architecture="transcoder")
 from sae_lens_transcoder.config_io import runner_config_from_args
 from sae_lens_transcoder.evals import evaluate_spliced
-from sae_lens_transcoder.llm_transcoder_training_runner import TranscoderTrainingRunner
+from sae_lens_transcoder.llm_transcoder_training_runner import (
+    TranscoderTrainingRunner,
+    is_offline_model,
+    load_offline_model,
+)
+from sae_lens_transcoder.plots import plot_feature_density
 from sae_lens_transcoder.report import format_table, heldout_tokens, load_heldout_split
 
 
@@ -26,6 +34,8 @@ def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
     for key, value in metrics.items():
         if isinstance(value, torch.Tensor):
             out[key] = value.tolist()
+        elif isinstance(value, dict):
+            out[key] = _jsonable(value)
         elif isinstance(value, list):
             out[key] = [_jsonable(v) if isinstance(v, dict) else v for v in value]
         else:
@@ -78,9 +88,70 @@ def train(argv: Sequence[str]) -> dict[str, Any]:
     return summary
 
 
+def _load_transcoder(spec: str) -> SAE[Any]:
+    """A local SAELens-format directory, or ``release/sae_id`` for ``SAE.from_pretrained``."""
+    if Path(spec).is_dir():
+        return SAE.load_from_disk(spec)
+    release, _, sae_id = spec.partition("/")
+    if not sae_id:
+        raise ValueError(f"{spec!r} is neither a directory nor 'release/sae_id'.")
+    return SAE.from_pretrained(release, sae_id)
+
+
+def _load_eval_model(name: str, metadata: Any, device: str) -> HookedTransformer:
+    kwargs = metadata.model_from_pretrained_kwargs or {}
+    if is_offline_model(name):
+        return load_offline_model(name, device, kwargs)
+    return HookedTransformer.from_pretrained_no_processing(name, device=device, **kwargs)
+
+
+def evaluate(argv: Sequence[str]) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog="sae-lens-transcoder evaluate",
+        description="Evaluate transcoders spliced into their model, one at a time and all together.",
+    )
+    parser.add_argument("paths", nargs="+", help="SAELens-format directories or release/sae_id")
+    parser.add_argument("--model", help="model name (default: the transcoders' metadata.model_name)")
+    parser.add_argument("--dataset", help="dataset with a held-out split (default: the metadata's dataset_path)")
+    parser.add_argument("--split", help="held-out split name (default: test, else validation)")
+    parser.add_argument("--n-tokens", type=int, default=16384)
+    parser.add_argument("--context-size", type=int, help="default: the metadata's context_size, else 128")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--keep-special-tokens", action="store_true", help="score BOS/EOS positions too")
+    parser.add_argument("--json", help="write all metrics here")
+    parser.add_argument("--plots", help="directory for feature-density histograms")
+    args = parser.parse_args(argv)
+    transcoders = [_load_transcoder(p).to(args.device) for p in args.paths]
+    meta = transcoders[0].cfg.metadata
+    model_name = args.model or meta.model_name
+    dataset_path = args.dataset or meta.dataset_path
+    if not model_name or not dataset_path:
+        raise SystemExit("give --model and --dataset (the transcoder's metadata names neither)")
+    model = _load_eval_model(model_name, meta, args.device)
+    context = args.context_size or meta.context_size or 128
+    prepend_bos = meta.prepend_bos if meta.prepend_bos is not None else True
+    tokens = heldout_tokens(model, load_heldout_split(dataset_path, args.split), context, args.n_tokens, prepend_bos)
+    exclude = None if args.keep_special_tokens else get_special_token_ids(model.tokenizer)  # type: ignore[arg-type]
+    rows: list[dict[str, Any]] = []
+    for path, tc in zip(args.paths, transcoders):
+        rows.append({"name": path, **evaluate_spliced(model, [tc], tokens, exclude_special_tokens=exclude)})
+    if len(transcoders) > 1:
+        rows.append({"name": "all replaced", **evaluate_spliced(model, transcoders, tokens, exclude_special_tokens=exclude)})
+    print(format_table(rows))
+    if args.plots:
+        out = Path(args.plots)
+        out.mkdir(parents=True, exist_ok=True)
+        for i, row in enumerate(rows[: len(transcoders)]):
+            plot_feature_density(row["feature_density"], out / f"feature_density_{i}.png", title=row["name"])
+    result = {"model": model_name, "dataset": dataset_path, "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(_jsonable(result), indent=2))
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": train}
+    commands = {"train": train, "evaluate": evaluate}
     if not argv or argv[0] not in commands:
         print(f"usage: sae-lens-transcoder {{{','.join(commands)}}} [options]", file=sys.stderr)
         raise SystemExit(2)

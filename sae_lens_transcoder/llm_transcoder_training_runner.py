@@ -87,6 +87,22 @@ def validate_runner_config(cfg: LanguageModelSAERunnerConfig[Any]) -> None:
         )
 
 
+def is_offline_model(name: str) -> bool:
+    return models.is_embedded_model_name(name) or models.is_local_model_dir(name)
+
+
+def load_offline_model(
+    name: str, device: str, model_from_pretrained_kwargs: dict[str, Any] | None
+) -> HookedTransformer:
+    """An embedded model or local HF directory, with the runner config's loading kwargs."""
+    kwargs = dict(model_from_pretrained_kwargs or {})
+    # SAELens's config adds this default for every HookedTransformer; our loaders do no
+    # weight processing unless asked, and the tiny model's loader takes no such flag.
+    if kwargs.get("center_writing_weights") is False:
+        del kwargs["center_writing_weights"]
+    return models.load_model(name, device=device, **kwargs)
+
+
 def require_complete_checkpoint(path: str | Path) -> None:
     """Refuse to resume from a checkpoint whose writing did not finish."""
     if not (Path(path) / CHECKPOINT_COMPLETE_FILENAME).is_file():
@@ -139,13 +155,8 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
     def _load_model(self) -> HookedRootModule:
         cfg = self.cfg
         assert cfg.llm_device is not None  # set in cfg.__post_init__
-        if models.is_embedded_model_name(cfg.model_name) or models.is_local_model_dir(cfg.model_name):
-            kwargs = dict(cfg.model_from_pretrained_kwargs or {})
-            # SAELens's config adds this default for every HookedTransformer; our loaders
-            # already do no weight processing unless asked.
-            if kwargs.get("center_writing_weights") is False:
-                del kwargs["center_writing_weights"]
-            return models.load_model(cfg.model_name, device=cfg.llm_device, **kwargs)
+        if is_offline_model(cfg.model_name):
+            return load_offline_model(cfg.model_name, cfg.llm_device, cfg.model_from_pretrained_kwargs)
         return sae_lens_load_model(
             cfg.model_class_name,
             cfg.model_name,

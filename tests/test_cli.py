@@ -111,3 +111,22 @@ def test_shipped_configs_parse_and_validate(config: Path) -> None:
     cfg = runner_config_from_args([], config_file=config)
     validate_runner_config(cfg)
     assert isinstance(cfg.sae, TrainingTranscoderConfig) and cfg.sae.hook_name_out.endswith("hook_mlp_out")
+
+
+def test_cli_evaluates_saved_transcoders_alone_and_together(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    outs = []
+    for layer in (0, 1):
+        out = tmp_path / f"layer{layer}"
+        main(["train", "--config", str(TINY_CONFIG), "--mlp_layer", str(layer), "--output_path", str(out),
+              "--checkpoint_path", str(tmp_path / "ck"), "--eval-tokens", "0", *FAST])
+        outs.append(str(out))
+    report, plots = tmp_path / "eval.json", tmp_path / "plots"
+    main(["evaluate", *outs, "--n-tokens", "1024", "--json", str(report), "--plots", str(plots)])
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["name"] for r in rows] == [*outs, "all replaced"]
+    for row in rows:
+        assert row["ce_loss_zero_ablation"] > row["ce_loss_clean"] and 0 < row["l0"]
+        assert len(row["feature_density"]) == (1024 if row["name"] != "all replaced" else 2048)
+    assert rows[2]["ce_loss_zero_ablation"] > max(rows[0]["ce_loss_zero_ablation"], rows[1]["ce_loss_zero_ablation"])
+    assert sorted(p.name for p in plots.iterdir()) == ["feature_density_0.png", "feature_density_1.png"]
+    assert "all replaced" in capsys.readouterr().out
