@@ -184,3 +184,29 @@ def test_b_dec_starts_at_the_mean_output_unless_weights_are_loaded(tmp_path: Pat
     zeros = TrainingTranscoder(TrainingTranscoderConfig(d_in=8, d_sae=16, d_out=4, b_dec_init="zeros"))
     zeros.training_forward_pass(step)
     assert zeros.b_dec.abs().sum() == 0
+
+
+def test_decoder_norm_folding_keeps_outputs() -> None:
+    tc = TrainingTranscoder(TrainingTranscoderConfig(d_in=D_MODEL, d_sae=96, d_out=40))
+    with torch.no_grad():
+        tc.W_dec.mul_(torch.rand(96, 1) * 3)
+        tc.b_enc.add_(0.1 * torch.randn(96))
+        x = torch.randn(16, D_MODEL)
+        before = tc(x)
+        tc.fold_W_dec_norm()
+        torch.testing.assert_close(tc.W_dec.norm(dim=-1), torch.ones(96))
+        torch.testing.assert_close(tc(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_prefetch_and_periodic_checkpoints(
+    make_runner_config: MakeConfig, gpt2_model: HookedTransformer, token_dataset: Any, tmp_path: Path
+) -> None:
+    cfg = make_runner_config(prefetch_llm_batches=True, n_checkpoints=2, checkpoint_path=str(tmp_path / "ck"),
+                             output_path=str(tmp_path / "out"))
+    TranscoderTrainingRunner(cfg, override_model=gpt2_model, override_dataset=token_dataset).run()
+    checkpoints = sorted(Path(cfg.checkpoint_path).iterdir())  # type: ignore[arg-type]
+    assert len(checkpoints) == 2
+    for checkpoint in checkpoints:
+        assert (checkpoint / CHECKPOINT_COMPLETE_FILENAME).is_file()
+        assert isinstance(SAE.load_from_disk(checkpoint), SAE)
+    assert isinstance(SAE.load_from_disk(tmp_path / "out"), Transcoder)
