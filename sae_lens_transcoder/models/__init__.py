@@ -40,6 +40,7 @@ def load_model(
 
     Raises ValueError for anything else, since that is SAELens's job (Hub names).
     """
+    dtype = kwargs.pop("torch_dtype", dtype)  # the older spelling wins, as in TransformerLens
     if name == SMOLLM2_MODEL_NAME:
         return load_smollm2(device=device, dtype=dtype, **kwargs)
     if name == TINY_MODEL_NAME:

@@ -20,6 +20,7 @@ from transformer_lens.loading_from_pretrained import (
     get_pretrained_model_config,
     get_pretrained_state_dict,
 )
+from transformer_lens.utilities.quantization import quantization_method
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -54,9 +55,7 @@ def clean_hf_config(hf_model: PreTrainedModel) -> PretrainedConfig:
     """
     config = copy.deepcopy(hf_model.config)
     config.architectures = [type(hf_model).__name__]
-    quant = getattr(config, "quantization_config", None)
-    quant_method = quant.get("quant_method") if isinstance(quant, dict) else None
-    if quant_method is not None and str(getattr(quant_method, "value", quant_method)) == "gguf":
+    if quantization_method(config) == "gguf":
         del config.quantization_config
     return config
 
@@ -100,8 +99,9 @@ def build_hooked_transformer(
 ) -> HookedTransformer:
     """Assemble a HookedTransformer from unprocessed weights, as from_pretrained would.
 
-    Don't reuse ``state_dict`` afterwards: processing may edit its tensors. Remaining ``kwargs`` (``default_prepend_bos``,
-    ``n_ctx``, ``first_n_layers``, ...) go to TransformerLens's config builder.
+    Don't reuse ``state_dict`` afterwards: processing may edit its tensors.
+    Other ``kwargs`` (``default_prepend_bos``, ``n_ctx``, ``first_n_layers``,
+    ...) go to TransformerLens's config builder.
     """
     dtype = as_torch_dtype(dtype)
     model_kwargs = {key: kwargs.pop(key) for key in _MODEL_KWARGS if key in kwargs}

