@@ -80,7 +80,9 @@ def validate_runner_config(cfg: LanguageModelSAERunnerConfig[Any]) -> None:
         )
     else:
         sae.hook_name_out = sae.hook_name_out or mlp_out_hook(hook_layer(cfg.hook_name))
-    if sae.hook_name_out == cfg.hook_name:
+    # With mlp_layer, SAELens's default hook_name means "not given": it is resolved later.
+    hook_name_given = cfg.hook_name != SAE_LENS_DEFAULT_HOOK
+    if hook_name_given and sae.hook_name_out == cfg.hook_name:
         raise ValueError(
             f"hook_name and sae.hook_name_out are both {cfg.hook_name!r}; a transcoder "
             "reads the MLP input (hook_name) and predicts the MLP output (hook_name_out)."
