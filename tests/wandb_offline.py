@@ -24,6 +24,9 @@ def _payloads(data: bytes) -> list[bytes]:
             pos += left_in_block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        if kind not in (FULL, FIRST, MIDDLE, LAST):  # zero padding up to the block's end
+            pos += left_in_block
+            continue
         chunk = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind == FULL:
@@ -32,10 +35,8 @@ def _payloads(data: bytes) -> list[bytes]:
             pending = chunk
         elif kind == MIDDLE:
             pending += chunk
-        elif kind == LAST:
-            payloads.append(pending + chunk)
         else:
-            break
+            payloads.append(pending + chunk)
     return payloads
 
 
