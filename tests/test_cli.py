@@ -50,7 +50,7 @@ def test_flags_override_only_what_they_name() -> None:
     assert (cfg.lr, cfg.sae.d_sae, cfg.context_size) == (data["lr"], data["sae"]["d_sae"], data["context_size"])
 
 
-def test_unknown_architecture_and_missing_file_are_clear() -> None:
+def test_missing_config_file_is_named() -> None:
     with pytest.raises(FileNotFoundError, match="no-such.yaml"):
         runner_config_from_args([], config_file="no-such.yaml")
 

@@ -15,7 +15,7 @@ from sae_lens_transcoder.hooks import (
 from tests.conftest import ARCHITECTURES, D_MODEL, D_VOCAB, build_model
 
 
-def _fold_ln_copy(arch: str) -> HookedTransformer:
+def _folded_model(arch: str) -> HookedTransformer:
     model = build_model(arch)
     model.process_weights_(fold_ln=True, center_writing_weights=False, center_unembed=False)
     return model
@@ -41,7 +41,7 @@ def test_default_hooks_feed_the_mlp_exactly(arch: str, layer: int) -> None:
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_folded_norm_uses_ln2_hook_normalized(arch: str) -> None:
-    model = _fold_ln_copy(arch)
+    model = _folded_model(arch)
     assert default_input_hook(model, 1) == "blocks.1.ln2.hook_normalized"
     assert _mlp_roundtrip_error(model, 1) < 1e-5
     validate_transcoder_hooks(model, "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out", D_MODEL, D_MODEL)
