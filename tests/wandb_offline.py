@@ -6,6 +6,7 @@ records with a 7-byte header each) holding protobuf ``Record`` messages.
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ def _payloads(data: bytes) -> list[bytes]:
         if kind not in (FULL, FIRST, MIDDLE, LAST):  # zero padding up to the block's end
             pos += left_in_block
             continue
+        if pos + HEADER + length > len(data):  # a record still being written
+            break
         chunk = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind == FULL:
@@ -40,11 +43,30 @@ def _payloads(data: bytes) -> list[bytes]:
     return payloads
 
 
-def history_rows(run_file: Path) -> list[dict[str, Any]]:
-    rows = []
+def _records(run_file: Path) -> list[wandb_internal_pb2.Record]:
+    records = []
     for payload in _payloads(run_file.read_bytes()):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
+        records.append(record)
+    return records
+
+
+def history_rows(run_file: Path, timeout_s: float = 120.0) -> list[dict[str, Any]]:
+    """Rows of the run's history, once the log holds its ``exit`` record.
+
+    wandb's service process writes the log after ``wandb.finish()`` returns, so on a busy
+    machine the tail may not be on disk yet: wait for the record that ends the run.
+    """
+    deadline = time.monotonic() + timeout_s
+    records = _records(run_file)
+    while not any(r.WhichOneof("record_type") == "exit" for r in records):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{run_file} has no exit record after {timeout_s} s")
+        time.sleep(0.5)
+        records = _records(run_file)
+    rows = []
+    for record in records:
         if record.WhichOneof("record_type") == "history":
             rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item})
     return rows
