@@ -1,0 +1,162 @@
+"""Input-dependent attribution: split a target's value into the direct contributions of every
+upstream node of the frozen model, exactly.
+
+A ``Target`` is an affine function ``direction · r[pos] + constant`` of the residual stream
+that a ``Site`` reads. Each node writing into that residual contributes ``direction · write``;
+together with the target's constant they sum to its value (completeness, up to float
+rounding). Features and heads are themselves affine in earlier residual streams, so
+``child_target`` turns either into a new target whose value is its contribution to the
+parent: recursing keeps every number in the root's units.
+"""
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from sae_lens_transcoder.circuits.nodes import Node
+from sae_lens_transcoder.circuits.trace import Site, Trace
+
+NodeFilter = Callable[[Node], bool]
+
+
+@dataclass(frozen=True)
+class Target:
+    """``direction · r[pos] + constant`` at ``site``; ``node`` is what it measures."""
+
+    node: Node
+    site: Site
+    pos: int
+    direction: torch.Tensor
+    constant: torch.Tensor
+
+    def scaled(self, factor: float | torch.Tensor) -> "Target":
+        return replace(self, direction=self.direction * factor, constant=self.constant * factor)
+
+
+@torch.no_grad()
+def target_value(trace: Trace, target: Target) -> float:
+    return float(target.direction @ trace.residual(target.site)[target.pos] + target.constant)
+
+
+@torch.no_grad()
+def feature_target(trace: Trace, layer: int, feature: int, pos: int) -> Target:
+    """The pre-activation of transcoder feature ``feature`` of MLP ``layer`` at token ``pos``."""
+    if layer not in trace.splices:
+        raise ValueError(f"layer={layer}: no transcoder replaces that MLP (have {sorted(trace.splices)}).")
+    norm = trace.input_norms[layer]
+    direction, constant = norm.pull_back(trace.encoders[layer][:, feature], trace.scale(norm, pos))
+    b_enc = trace.splices[layer].transcoder.b_enc[feature].to(direction.dtype)
+    return Target(Node("feature", layer, pos, feature), Site(layer, "mlp"), pos, direction, constant + b_enc)
+
+
+@torch.no_grad()
+def unembed_target(trace: Trace, pos: int, direction: torch.Tensor, constant: float | torch.Tensor = 0.0) -> Target:
+    """``direction · ln_final(r[pos]) + constant``: e.g. ``W_U[:, a] − W_U[:, b]`` with the
+    matching ``b_U`` difference for a logit difference."""
+    norm = trace.final_norm()
+    pulled, norm_constant = norm.pull_back(direction.to(trace.logits.dtype), trace.scale(norm, pos))
+    node = Node("target", trace.n_layers, pos)
+    return Target(node, Site(trace.n_layers, "final"), pos, pulled, norm_constant + torch.as_tensor(constant, dtype=pulled.dtype))
+
+
+@torch.no_grad()
+def logit_target(trace: Trace, pos: int, token: int, versus: int | None = None) -> Target:
+    """The logit of ``token`` at ``pos``, or its difference to the logit of ``versus``."""
+    W_U, b_U = trace.model.W_U, trace.model.b_U
+    direction, constant = W_U[:, token], b_U[token]
+    if versus is not None:
+        direction, constant = direction - W_U[:, versus], constant - b_U[versus]
+    return unembed_target(trace, pos, direction, constant)
+
+
+@torch.no_grad()
+def residual_target(trace: Trace, site: Site, pos: int, direction: torch.Tensor) -> Target:
+    """A raw direction in the residual stream ``site`` reads (no norm)."""
+    direction = direction.to(trace.logits.dtype)
+    return Target(Node("target", site.layer, pos), site, pos, direction, direction.new_zeros(()))
+
+
+@torch.no_grad()
+def head_target(trace: Trace, parent: Target, layer: int, head: int, src: int) -> Target:
+    """Head ``head`` of ``layer`` moving token ``src`` into ``parent``: its contribution to the
+    parent as an affine function of the source token's residual (pattern frozen, OV pull-back)."""
+    attn = trace.model.blocks[layer].attn
+    weight = trace.pattern(layer)[head, parent.pos, src]
+    out_read = attn.W_O[head] @ parent.direction  # [d_head]
+    norm = trace.attn_norm(layer)
+    direction, constant = norm.pull_back(weight * (attn.W_V[head] @ out_read), trace.scale(norm, src))
+    constant = constant + weight * (attn.b_V[head] @ out_read)
+    return Target(Node("head", layer, parent.pos, head, src), Site(layer, "attn"), src, direction, constant)
+
+
+@torch.no_grad()
+def child_target(trace: Trace, parent: Target, node: Node) -> Target:
+    """The target whose value is ``node``'s contribution to ``parent``."""
+    if node.kind == "feature":
+        coefficient = trace.decoders[node.layer][node.index] @ parent.direction
+        return feature_target(trace, node.layer, node.index, node.pos).scaled(coefficient)
+    if node.kind == "head":
+        return head_target(trace, parent, node.layer, node.index, node.src)
+    raise ValueError(f"{node}: only features and heads can be expanded (it is a {node.kind!r} node).")
+
+
+@dataclass
+class Contributions:
+    """Direct contributions to one target; features and heads as dense tensors per layer."""
+
+    target: Target
+    features: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [d_sae]
+    heads: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [n_heads, n_src]
+    others: dict[Node, float] = field(default_factory=dict)
+
+    def items(self) -> Iterator[tuple[Node, float]]:
+        """Every non-zero contribution."""
+        pos = self.target.pos
+        for layer, values in self.features.items():
+            for index in values.nonzero().flatten().tolist():
+                yield Node("feature", layer, pos, index), float(values[index])
+        for layer, values in self.heads.items():
+            for head, src in values.nonzero().tolist():
+                yield Node("head", layer, pos, head, src), float(values[head, src])
+        yield from ((node, value) for node, value in self.others.items() if value != 0.0)
+
+    def total(self) -> float:
+        return (
+            sum(float(v.sum()) for v in self.features.values())
+            + sum(float(v.sum()) for v in self.heads.values())
+            + sum(self.others.values())
+        )
+
+    def top(self, k: int, keep: NodeFilter | None = None) -> list[tuple[Node, float]]:
+        """The ``k`` largest by magnitude among nodes ``keep`` accepts."""
+        ranked = sorted((item for item in self.items() if keep is None or keep(item[0])), key=lambda nv: -abs(nv[1]))
+        return ranked[:k]
+
+
+@torch.no_grad()
+def direct_contributions(trace: Trace, target: Target) -> Contributions:
+    """Every node's direct contribution to ``target``; they sum to ``target_value``."""
+    g, pos = target.direction, target.pos
+    result = Contributions(target)
+    result.others[Node("target_bias", target.site.layer, pos)] = float(target.constant)
+    result.others[Node("embed", -1, pos)] = float(trace.get("hook_embed")[pos] @ g)
+    if "hook_pos_embed" in trace.cache.cache_dict:
+        result.others[Node("pos_embed", -1, pos)] = float(trace.get("hook_pos_embed")[pos] @ g)
+    attn_layers, mlp_layers = trace.writes_before(target.site)
+    for layer in attn_layers:
+        attn = trace.model.blocks[layer].attn
+        out_read = attn.W_O @ g  # [n_heads, d_head]
+        per_source = torch.einsum("shk,hk->hs", trace.values[layer], out_read)
+        result.heads[layer] = trace.pattern(layer)[:, pos, :] * per_source
+        result.others[Node("attn_bias", layer, pos)] = float(attn.b_O @ g)
+    for layer in mlp_layers:
+        if layer not in trace.splices:
+            result.others[Node("mlp", layer, pos)] = float(trace.mlp_out(layer)[pos] @ g)
+            continue
+        result.features[layer] = trace.feature_acts[layer][pos] * (trace.decoders[layer] @ g)
+        result.others[Node("transcoder_bias", layer, pos)] = float(trace.transcoder_bias[layer] @ g)
+        result.others[Node("error", layer, pos)] = float(trace.errors[layer][pos] @ g)
+        if layer in trace.skips:
+            result.others[Node("skip", layer, pos)] = float(trace.skips[layer][pos] @ g)
+    return result

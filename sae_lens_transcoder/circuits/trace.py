@@ -1,0 +1,238 @@
+"""One prompt's forward pass, kept in the form the frozen (linearised) model needs.
+
+With attention patterns and norm scales fixed at their values on the prompt, the residual
+stream at any point is an exact sum of terms (embeddings, per-head per-source attention
+outputs, transcoder features, transcoder biases, skips, error terms), and everything that
+reads it is affine. ``trace_prompt`` records those terms and checks that they really do
+add up, so an unsupported architecture fails loudly instead of giving wrong attributions.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from sae_lens.saes.sae import SAE
+from transformer_lens import ActivationCache, HookedTransformer
+
+from sae_lens_transcoder.circuits.norms import FrozenNorm, frozen_norm
+from sae_lens_transcoder.hooks import ensure_mlp_hook_in, hook_layer, mlp_out_hook
+from sae_lens_transcoder.splicing import Splice, as_splices
+
+SITE_KINDS = ("attn", "mlp", "final")
+_CHECK_RTOL = 1e-3
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """A place where the residual stream is read: layer ``layer``'s attention or MLP input,
+    or the unembedding (``kind="final"``, ``layer=n_layers``)."""
+
+    layer: int
+    kind: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in SITE_KINDS:
+            raise ValueError(f"Site kind {self.kind!r} is not one of {SITE_KINDS}")
+
+
+def effective_encoder(splice: Splice) -> torch.Tensor:
+    """``[d_in, d_sae]`` matrix with pre-activations ``x @ E + b_enc`` for raw MLP inputs ``x``
+    (the splice's input scale and SAELens's input normalisation folded in)."""
+    tc = splice.transcoder
+    eye = torch.eye(tc.cfg.d_in, dtype=tc.dtype, device=tc.device) * splice.input_scale
+    with torch.no_grad():
+        once, twice = tc.run_time_activation_norm_fn_in(eye), tc.run_time_activation_norm_fn_in(2 * eye)
+        if not torch.allclose(twice, 2 * once, rtol=1e-5, atol=1e-6):
+            raise ValueError(
+                f"normalize_activations={tc.cfg.normalize_activations!r} is not a linear map, so the "
+                "transcoder's features are not affine in its input: circuits need 'none' or "
+                "'expected_average_only_in'."
+            )
+        return once @ tc.W_enc
+
+
+def transcoder_input_norm(model: HookedTransformer, splice: Splice, layer: int) -> FrozenNorm:
+    """How the transcoder of MLP ``layer`` reads the residual stream."""
+    ln2 = model.blocks[layer].ln2
+    scale_hook = f"blocks.{layer}.ln2.hook_scale"
+    name = splice.hook_name
+    if name == f"blocks.{layer}.ln2.hook_normalized":
+        return frozen_norm(ln2, scale_hook, full_output=False)
+    if name == f"blocks.{layer}.mlp.hook_in":
+        return frozen_norm(ln2, scale_hook, full_output=True)
+    if name == f"blocks.{layer}.hook_mlp_in":
+        return FrozenNorm(scale_hook=None)
+    raise ValueError(
+        f"transcoder hook_name={name!r}: circuits need a transcoder that reads layer {layer}'s MLP input "
+        f"(blocks.{layer}.ln2.hook_normalized, blocks.{layer}.mlp.hook_in or blocks.{layer}.hook_mlp_in)."
+    )
+
+
+@dataclass
+class Trace:
+    """Everything one prompt's attribution needs; tensors drop the batch dimension."""
+
+    model: HookedTransformer
+    tokens: torch.Tensor
+    cache: ActivationCache
+    splices: dict[int, Splice]
+    logits: torch.Tensor  # [pos, d_vocab]
+    attn_in: dict[int, torch.Tensor] = field(default_factory=dict)  # [pos, d_model]
+    values: dict[int, torch.Tensor] = field(default_factory=dict)  # [pos, n_heads, d_head]
+    feature_acts: dict[int, torch.Tensor] = field(default_factory=dict)  # [pos, d_sae]
+    decoders: dict[int, torch.Tensor] = field(default_factory=dict)  # [d_sae, d_model]
+    encoders: dict[int, torch.Tensor] = field(default_factory=dict)  # [d_in, d_sae]
+    input_norms: dict[int, FrozenNorm] = field(default_factory=dict)
+    transcoder_bias: dict[int, torch.Tensor] = field(default_factory=dict)  # [d_model]
+    skips: dict[int, torch.Tensor] = field(default_factory=dict)  # [pos, d_model]
+    errors: dict[int, torch.Tensor] = field(default_factory=dict)  # [pos, d_model]
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.cfg.n_layers
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def parallel(self) -> bool:
+        return bool(self.model.cfg.parallel_attn_mlp)
+
+    def str_tokens(self) -> list[str]:
+        return [str(t) for t in self.model.to_str_tokens(self.tokens)]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.cache[name][0]
+
+    def residual(self, site: Site) -> torch.Tensor:
+        """The residual stream that ``site`` reads, ``[pos, d_model]``."""
+        if site.kind == "final":
+            return self.get(f"blocks.{self.n_layers - 1}.hook_resid_post")
+        if site.kind == "mlp" and not self.parallel:
+            return self.get(f"blocks.{site.layer}.hook_resid_mid")
+        return self.get(f"blocks.{site.layer}.hook_resid_pre")
+
+    def scale(self, norm: FrozenNorm, pos: int) -> torch.Tensor | float:
+        return 1.0 if norm.scale_hook is None else self.get(norm.scale_hook)[pos, 0]
+
+    def writes_before(self, site: Site) -> tuple[range, range]:
+        """(attention layers, MLP layers) whose outputs are in the residual ``site`` reads."""
+        if site.kind == "final":
+            return range(self.n_layers), range(self.n_layers)
+        attn_end = site.layer + 1 if site.kind == "mlp" and not self.parallel else site.layer
+        return range(attn_end), range(site.layer)
+
+    def attn_norm(self, layer: int) -> FrozenNorm:
+        return frozen_norm(self.model.blocks[layer].ln1, f"blocks.{layer}.ln1.hook_scale", full_output=True)
+
+    def final_norm(self) -> FrozenNorm:
+        return frozen_norm(self.model.ln_final, "ln_final.hook_scale", full_output=True)
+
+    def pattern(self, layer: int) -> torch.Tensor:
+        return self.get(f"blocks.{layer}.attn.hook_pattern")  # [n_heads, dest, src]
+
+    def mlp_out(self, layer: int) -> torch.Tensor:
+        return self.get(mlp_out_hook(layer))
+
+
+def _cached_names(model: HookedTransformer, splices: dict[int, Splice]) -> set[str]:
+    names = {"hook_embed", "hook_pos_embed", "ln_final.hook_scale"}
+    for layer in range(model.cfg.n_layers):
+        block = f"blocks.{layer}"
+        names |= {f"{block}.{h}" for h in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")}
+        names |= {f"{block}.ln1.hook_scale", f"{block}.ln2.hook_scale", f"{block}.attn.hook_pattern"}
+    return names | {s.hook_name for s in splices.values()}
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    return bool((actual - expected).norm() <= _CHECK_RTOL * expected.norm() + 1e-5)
+
+
+def trace_prompt(
+    model: HookedTransformer,
+    transcoders: Sequence["SAE | Splice"],  # type: ignore[type-arg]
+    tokens: str | torch.Tensor,
+) -> Trace:
+    """Run ``tokens`` (a string or 1-D ids) and record the frozen model's terms."""
+    if model.cfg.use_normalization_before_and_after:
+        raise ValueError("circuits do not support models with post-attention/post-MLP norms (Gemma 2/3) yet.")
+    if isinstance(tokens, str):
+        tokens = model.to_tokens(tokens)[0]
+    tokens = tokens.to(model.cfg.device)
+    if tokens.dim() != 1:
+        raise ValueError(f"tokens must be one prompt (1-D), got shape {tuple(tokens.shape)}")
+    splices: dict[int, Splice] = {}
+    for splice in as_splices(transcoders):
+        layer = hook_layer(splice.hook_name_out, "hook_name_out")
+        if splice.hook_name_out != mlp_out_hook(layer):
+            raise ValueError(f"transcoder hook_name_out={splice.hook_name_out!r}: circuits need {mlp_out_hook(layer)!r}.")
+        if layer in splices:
+            raise ValueError(f"two transcoders replace MLP {layer}: pass one per layer.")
+        splices[layer] = splice
+    ensure_mlp_hook_in(model)
+    names = _cached_names(model, splices)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n in names)
+    trace = Trace(model=model, tokens=tokens, cache=cache, splices=splices, logits=logits[0])
+    with torch.no_grad():
+        _record_attention(trace)
+        for layer, splice in splices.items():
+            _record_transcoder(trace, layer, splice)
+    _check_residual_sums(trace)
+    return trace
+
+
+def _record_attention(trace: Trace) -> None:
+    for layer in range(trace.n_layers):
+        attn = trace.model.blocks[layer].attn
+        norm = trace.attn_norm(layer)
+        resid = trace.get(f"blocks.{layer}.hook_resid_pre")
+        scale = trace.get(norm.scale_hook) if norm.scale_hook else 1.0
+        attn_in = norm.apply(resid, scale)
+        values = torch.einsum("sd,hdk->shk", attn_in, attn.W_V) + attn.b_V
+        trace.attn_in[layer], trace.values[layer] = attn_in, values
+        heads_out = torch.einsum("hts,shk,hkd->td", trace.pattern(layer), values, attn.W_O) + attn.b_O
+        if not _close(heads_out, trace.get(f"blocks.{layer}.hook_attn_out")):
+            raise ValueError(
+                f"layer {layer}'s attention output is not the sum of its heads' OV outputs under the cached "
+                f"pattern ({trace.model.cfg.original_architecture}): this architecture is not supported by circuits."
+            )
+
+
+def _record_transcoder(trace: Trace, layer: int, splice: Splice) -> None:
+    tc = splice.transcoder
+    x = trace.get(splice.hook_name)
+    out = splice(x).to(x.dtype)
+    acts = splice.last_feature_acts
+    assert acts is not None
+    decoder = (tc.W_dec / splice.input_scale).to(x.dtype)
+    bias = (tc.b_dec / splice.input_scale).to(x.dtype)
+    parts = acts.to(x.dtype) @ decoder + bias
+    if hasattr(tc, "W_skip"):
+        trace.skips[layer] = x @ tc.W_skip.T.to(x.dtype)
+        parts = parts + trace.skips[layer]
+    if not _close(parts, out):
+        raise ValueError(
+            f"transcoder of layer {layer} ({type(tc).__name__}) is not features @ W_dec + b_dec (+ skip): "
+            "circuits cannot decompose it."
+        )
+    trace.feature_acts[layer] = acts.to(x.dtype)
+    trace.decoders[layer] = decoder
+    trace.transcoder_bias[layer] = bias
+    trace.encoders[layer] = effective_encoder(splice).to(x.dtype)
+    trace.input_norms[layer] = transcoder_input_norm(trace.model, splice, layer)
+    trace.errors[layer] = trace.mlp_out(layer) - out
+
+
+def _check_residual_sums(trace: Trace) -> None:
+    total = trace.get("hook_embed").clone()
+    if "hook_pos_embed" in trace.cache.cache_dict:
+        total = total + trace.get("hook_pos_embed")
+    for layer in range(trace.n_layers):
+        total = total + trace.get(f"blocks.{layer}.hook_attn_out") + trace.mlp_out(layer)
+    if not _close(total, trace.residual(Site(trace.n_layers, "final"))):
+        raise ValueError(
+            "the final residual stream is not embeddings + attention outputs + MLP outputs "
+            f"({trace.model.cfg.original_architecture}): this architecture is not supported by circuits."
+        )

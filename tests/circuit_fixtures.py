@@ -1,0 +1,37 @@
+"""Transcoders with random, non-trivial weights for the circuit tests."""
+
+import torch
+from sae_lens.saes.sae import SAE, SAEMetadata
+from sae_lens.saes.transcoder import (
+    JumpReLUSkipTranscoder,
+    JumpReLUSkipTranscoderConfig,
+    SkipTranscoder,
+    SkipTranscoderConfig,
+    Transcoder,
+    TranscoderConfig,
+)
+from transformer_lens import HookedTransformer
+
+D_SAE = 96
+
+
+def random_transcoder(
+    model: HookedTransformer, layer: int, hook: str = "mlp.hook_in", kind: str = "relu", seed: int = 0
+) -> SAE:  # type: ignore[type-arg]
+    """A transcoder of ``model``'s MLP ``layer`` whose features fire on about half the tokens."""
+    torch.manual_seed(seed + layer)
+    d = model.cfg.d_model
+    meta = SAEMetadata(hook_name=f"blocks.{layer}.{hook}", hook_name_out=f"blocks.{layer}.hook_mlp_out")
+    common = dict(d_in=d, d_sae=D_SAE, d_out=d, apply_b_dec_to_input=False, metadata=meta)
+    if kind == "relu":
+        tc: SAE = Transcoder(TranscoderConfig(**common))  # type: ignore[type-arg]
+    elif kind == "skip":
+        tc = SkipTranscoder(SkipTranscoderConfig(**common))
+    elif kind == "jumprelu_skip":
+        tc = JumpReLUSkipTranscoder(JumpReLUSkipTranscoderConfig(**common))
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():
+        for name, param in tc.named_parameters():
+            param.copy_(0.3 * torch.randn_like(param) if name != "threshold" else 0.05 * torch.rand_like(param))
+    return tc
