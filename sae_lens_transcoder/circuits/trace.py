@@ -51,6 +51,13 @@ def effective_encoder(splice: Splice) -> torch.Tensor:
         return once @ tc.W_enc
 
 
+def final_norm(model: HookedTransformer) -> FrozenNorm:
+    """The unembedding's norm (absent when ``normalization_type`` is None)."""
+    if not hasattr(model, "ln_final"):
+        return FrozenNorm(scale_hook=None)
+    return frozen_norm(model.ln_final, "ln_final.hook_scale", full_output=True)
+
+
 def transcoder_input_norm(model: HookedTransformer, splice: Splice, layer: int) -> FrozenNorm:
     """How the transcoder of MLP ``layer`` reads the residual stream."""
     ln2 = model.blocks[layer].ln2
@@ -100,6 +107,9 @@ class Trace:
         return bool(self.model.cfg.parallel_attn_mlp)
 
     def str_tokens(self) -> list[str]:
+        """The prompt's tokens as strings (ids as text for models without a tokenizer)."""
+        if self.model.tokenizer is None:
+            return [f"<{t}>" for t in self.tokens.tolist()]
         return [str(t) for t in self.model.to_str_tokens(self.tokens)]
 
     def get(self, name: str) -> torch.Tensor:
@@ -127,7 +137,7 @@ class Trace:
         return frozen_norm(self.model.blocks[layer].ln1, f"blocks.{layer}.ln1.hook_scale", full_output=True)
 
     def final_norm(self) -> FrozenNorm:
-        return frozen_norm(self.model.ln_final, "ln_final.hook_scale", full_output=True)
+        return final_norm(self.model)
 
     def pattern(self, layer: int) -> torch.Tensor:
         return self.get(f"blocks.{layer}.attn.hook_pattern")  # [n_heads, dest, src]

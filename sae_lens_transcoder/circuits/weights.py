@@ -9,7 +9,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from sae_lens_transcoder.circuits.norms import frozen_norm
-from sae_lens_transcoder.circuits.trace import effective_encoder, transcoder_input_norm
+from sae_lens_transcoder.circuits.trace import effective_encoder, final_norm, transcoder_input_norm
 from sae_lens_transcoder.splicing import Splice
 
 TokenScores = list[tuple[str, float]]
@@ -59,7 +59,7 @@ def de_embedding(model: HookedTransformer, splice: Splice, feature: int, head: t
 @torch.no_grad()
 def logit_lens(model: HookedTransformer, splice: Splice, feature: int) -> torch.Tensor:
     """``W_dec[i] W_U`` per vocabulary token, read through the final norm's weight."""
-    readers = frozen_norm(model.ln_final, "ln_final.hook_scale", full_output=True).read_direction(model.W_U.T)
+    readers = final_norm(model).read_direction(model.W_U.T)
     return readers @ decoder_directions(splice)[feature]
 
 
