@@ -95,17 +95,21 @@ def test_every_child_is_complete_and_equals_its_contribution(arch: str, hook: st
 
 
 @contextmanager
-def _frozen_model_leaves(trace: Trace) -> Iterator[dict[str, torch.Tensor]]:
+def _frozen_model_leaves(trace: Trace, detach_values: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """The frozen model as autograd sees it: patterns and norm scales fixed at the prompt,
-    values detached (so heads are nodes, not paths), MLPs replaced by leaf feature
-    activations plus constant bias/skip/error, embeddings as leaves."""
+    MLPs replaced by leaf feature activations plus constant bias/skip/error, embeddings as
+    leaves. With ``detach_values`` heads are nodes (no gradient through their values)."""
     model = trace.model
     leaves: dict[str, torch.Tensor] = {"embed": trace.get("hook_embed").clone().requires_grad_()}
     hooks: list[tuple[str, object]] = [("hook_embed", lambda x, hook: leaves["embed"][None])]
+    if "hook_pos_embed" in trace.cache.cache_dict:
+        leaves["pos_embed"] = trace.get("hook_pos_embed").clone().requires_grad_()
+        hooks.append(("hook_pos_embed", lambda x, hook: leaves["pos_embed"][None]))
     for layer in range(trace.n_layers):
         leaves[f"pattern{layer}"] = trace.pattern(layer).clone().requires_grad_()
         hooks.append((f"blocks.{layer}.attn.hook_pattern", lambda x, hook, layer=layer: leaves[f"pattern{layer}"][None]))
-        hooks.append((f"blocks.{layer}.attn.hook_v", lambda x, hook: x.detach()))
+        if detach_values:
+            hooks.append((f"blocks.{layer}.attn.hook_v", lambda x, hook: x.detach()))
         for norm in ("ln1", "ln2"):
             name = f"blocks.{layer}.{norm}.hook_scale"
             hooks.append((name, lambda x, hook, name=name: trace.get(name)[None]))
@@ -179,3 +183,76 @@ def test_two_transcoders_for_one_layer_are_refused(gpt2_model: HookedTransformer
     tcs = [random_transcoder(gpt2_model, 1), random_transcoder(gpt2_model, 1, seed=3)]
     with pytest.raises(ValueError, match="two transcoders replace MLP 1"):
         trace_prompt(gpt2_model, tcs, _prompt())
+
+
+def test_ov_connection_equals_the_path_through_the_head_divided_by_its_constants() -> None:
+    from sae_lens_transcoder.circuits.weights import ov_connections
+
+    trace = _traced("gpt2", "mlp.hook_in", "relu")
+    pos, head = 11, 2
+    feature = _most_active(trace, 1, pos)
+    root = feature_target(trace, 1, feature, pos)
+    through_head = direct_contributions(trace, child_target(trace, root, Node("head", 1, pos, head, 4))).features[0]
+    connection = ov_connections(trace.model, trace.splices[0], trace.splices[1], feature, layer=1, head=head)
+    constants = trace.pattern(1)[head, pos, 4] / (trace.get("blocks.1.ln1.hook_scale")[4, 0] * trace.get("blocks.1.ln2.hook_scale")[pos, 0])
+    active = trace.feature_acts[0][4] > 0
+    torch.testing.assert_close(through_head[active], trace.feature_acts[0][4][active] * connection[active] * constants, rtol=1e-4, atol=1e-6)
+
+
+def test_de_embedding_and_logit_lens_are_the_embedding_and_unembedding_reads() -> None:
+    from sae_lens_transcoder.circuits.weights import de_embedding, logit_lens, top_tokens
+
+    model = load_model("tiny-gpt2")
+    splice = Splice.from_sae(random_transcoder(model, 1, hook="ln2.hook_normalized"))
+    trace = trace_prompt(model, [splice], "The king said")
+    pos = trace.n_pos - 1
+    feature = _most_active(trace, 1, pos)
+    # Direct path from this token's embedding: the de-embedding entry of the token, per unit scale.
+    embed_part = direct_contributions(trace, feature_target(trace, 1, feature, pos)).others[Node("embed", -1, pos)]
+    scale = trace.get("blocks.1.ln2.hook_scale")[pos, 0]
+    assert embed_part == pytest.approx(float(de_embedding(model, splice, feature)[trace.tokens[pos]] / scale), rel=1e-4)
+    lens = logit_lens(model, splice, feature)
+    assert lens.shape == (model.cfg.d_vocab,)
+    top, bottom = top_tokens(model, lens, k=3)
+    assert [v for _, v in top] == sorted((v for _, v in top), reverse=True) and top[0][1] == pytest.approx(float(lens.max()))
+    assert bottom[0][1] == pytest.approx(float(lens.min()))
+
+
+def test_mean_attribution_is_the_average_of_prompt_attributions() -> None:
+    from sae_lens_transcoder.circuits.mean import mean_feature_attributions
+
+    model = build_model("gpt2")
+    splices = [Splice.from_sae(random_transcoder(model, layer, hook="ln2.hook_normalized")) for layer in (0, 1)]
+    tokens = torch.randint(1, D_VOCAB, (3, 10), generator=torch.Generator().manual_seed(2))
+    feature = 4
+    mean, count = mean_feature_attributions(model, splices[0], splices[1], feature, tokens, batch_size=2)
+    expected, seen = torch.zeros_like(mean), 0
+    for row in tokens:
+        trace = trace_prompt(model, splices, row)
+        for pos in range(row.shape[0]):
+            if trace.feature_acts[1][pos, feature] > 0:
+                expected += direct_contributions(trace, feature_target(trace, 1, feature, pos)).features[0]
+                seen += 1
+    assert count == seen > 0
+    torch.testing.assert_close(mean, expected / seen, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("arch", "hook", "kind"), SETUPS)
+def test_total_effects_are_complete_and_equal_gradient_times_input_through_attention(arch: str, hook: str, kind: str) -> None:
+    """circuit-tracer's notion: attention is a linear path (pattern frozen), MLPs are frozen terms."""
+    from sae_lens_transcoder.circuits.effects import total_effects
+
+    trace = _traced(arch, hook, kind)
+    pos = 11
+    target = logit_target(trace, pos, 5, versus=7)
+    effects = total_effects(trace, target)
+    assert effects.total() == pytest.approx(float(trace.logits[pos, 5] - trace.logits[pos, 7]), rel=REL, abs=1e-6)
+    with _frozen_model_leaves(trace, detach_values=False) as leaves:
+        logits = trace.model(trace.tokens[None])[0]
+        (logits[pos, 5] - logits[pos, 7]).backward()
+    for layer in range(trace.n_layers):
+        acts = leaves[f"acts{layer}"]
+        torch.testing.assert_close(effects.features[layer], (acts.grad * acts).detach(), rtol=1e-4, atol=1e-5)
+    expected_embed = sum((leaf.grad * leaf).sum(-1).detach() for name, leaf in leaves.items() if "embed" in name)
+    assert effects.embed is not None and effects.embed[: pos + 1].abs().min() > 0  # every earlier token is reached
+    torch.testing.assert_close(effects.embed, expected_embed, rtol=1e-4, atol=1e-5)
