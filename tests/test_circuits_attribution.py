@@ -256,3 +256,14 @@ def test_total_effects_are_complete_and_equal_gradient_times_input_through_atten
     expected_embed = sum((leaf.grad * leaf).sum(-1).detach() for name, leaf in leaves.items() if "embed" in name)
     assert effects.embed is not None and effects.embed[: pos + 1].abs().min() > 0  # every earlier token is reached
     torch.testing.assert_close(effects.embed, expected_embed, rtol=1e-4, atol=1e-5)
+
+
+def test_ov_norm_map_covers_exactly_the_attention_layers_upstream() -> None:
+    from sae_lens_transcoder.circuits.weights import ov_norm_map
+
+    for arch, expected_layers in (("gpt2", 2), ("neox", 1)):  # a parallel block's MLP does not read its own attention
+        model = build_model(arch)
+        norms = ov_norm_map(model, Splice.from_sae(random_transcoder(model, 1)), feature=3)
+        assert norms.shape == (expected_layers, model.cfg.n_heads) and (norms > 0).all()
+    model = build_model("neox")
+    assert ov_norm_map(model, Splice.from_sae(random_transcoder(model, 0)), feature=3).shape == (0, model.cfg.n_heads)

@@ -68,9 +68,11 @@ def ov_norm_map(model: HookedTransformer, splice: Splice, feature: int) -> torch
     """``[layers, n_heads]`` of ``‖W_OV f_enc‖`` for the attention layers upstream of the feature."""
     direction = encoder_direction(model, splice, feature)
     n_attn = splice.layer if model.cfg.parallel_attn_mlp else splice.layer + 1
-    return torch.stack(
-        [torch.stack([ov_pullback(model, layer, head, direction).norm() for head in range(model.cfg.n_heads)]) for layer in range(n_attn)]
-    )
+    norms = torch.zeros(n_attn, model.cfg.n_heads, dtype=direction.dtype)
+    for layer in range(n_attn):
+        for head in range(model.cfg.n_heads):
+            norms[layer, head] = ov_pullback(model, layer, head, direction).norm()
+    return norms
 
 
 def top_tokens(model: HookedTransformer, scores: torch.Tensor, k: int = 10) -> tuple[TokenScores, TokenScores]:
