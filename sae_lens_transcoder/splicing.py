@@ -150,3 +150,42 @@ def ablated(
 
     with model.hooks(fwd_hooks=[(name, ablate) for name in hook_names_out]):
         yield
+
+
+@contextmanager
+def ablated_features(
+    model: HookedTransformer,
+    transcoders: Sequence["SAE | Splice"],  # type: ignore[type-arg]
+    features: Sequence[tuple[int, int, int]],
+) -> Iterator[list[Splice]]:
+    """Remove the writes of chosen features, given as ``(layer, token position, feature)``,
+    from the real MLP outputs; everything else (other features, the error term) is kept,
+    so only those features' effect is taken out."""
+    splices = {s.layer: s for s in as_splices(transcoders)}
+    chosen: dict[int, list[tuple[int, int]]] = {}
+    for layer, pos, feature in features:
+        if layer not in splices:
+            raise ValueError(f"feature ({layer}, {pos}, {feature}): no transcoder given for layer {layer}.")
+        chosen.setdefault(layer, []).append((pos, feature))
+    hooks: list[tuple[str, HookFn]] = []
+    for layer, picks in chosen.items():
+        splice = splices[layer]
+        inputs: dict[str, torch.Tensor] = {}
+
+        def read(x: torch.Tensor, hook: HookPoint, inputs=inputs) -> None:  # noqa: ARG001
+            inputs["x"] = x
+
+        def remove(y: torch.Tensor, hook: HookPoint, splice=splice, picks=picks, inputs=inputs) -> torch.Tensor:  # noqa: ARG001
+            splice(inputs.pop("x"))
+            acts = splice.last_feature_acts
+            assert acts is not None
+            mask = torch.zeros_like(acts)
+            for pos, feature in picks:
+                mask[:, pos, feature] = 1.0
+            decoder = splice.transcoder.W_dec / splice.input_scale
+            return y - ((acts * mask) @ decoder).to(y.dtype)
+
+        hooks += [(splice.hook_name, read), (splice.hook_name_out, remove)]
+    ensure_mlp_hook_in(model)
+    with model.hooks(fwd_hooks=hooks):
+        yield list(splices.values())

@@ -106,3 +106,24 @@ def test_graph_edges_into_every_expanded_node_sum_to_its_influence(arch: str) ->
     pruned = prune(graph, node_threshold=0.5, edge_threshold=0.9)
     assert graph.root in pruned.nodes and len(pruned.nodes) < len(graph.nodes)
     assert all(src in pruned.influence and dst in pruned.influence for src, dst in pruned.edges)
+
+
+def test_ablating_the_path_features_removes_exactly_their_contribution() -> None:
+    from sae_lens_transcoder.splicing import ablated_features
+
+    model, transcoders = _known_circuit()
+    with torch.no_grad():
+        clean = model(PROMPT[None])[0, 4, ANSWER]
+        with ablated_features(model, transcoders, [(1, 4, F1)]):
+            without_f1 = model(PROMPT[None])[0, 4, ANSWER]
+        with ablated_features(model, transcoders, [(0, 4, F0)]):
+            without_f0 = model(PROMPT[None])[0, 4, ANSWER]  # F1 loses its input, so the path goes too
+        with ablated_features(model, transcoders, [(0, 3, F0)]):
+            elsewhere = model(PROMPT[None])[0, 4, ANSWER]
+    assert float(clean) == pytest.approx(1.4)
+    assert float(without_f1) == pytest.approx(0.4) and float(without_f0) == pytest.approx(0.4)
+    assert float(elsewhere) == pytest.approx(1.4)
+    assert all(not hp.fwd_hooks for hp in model.hook_dict.values())
+    with pytest.raises(ValueError, match="no transcoder given for layer 1"):
+        with ablated_features(model, transcoders[:1], [(1, 4, F1)]):
+            pass
