@@ -20,6 +20,7 @@ from transformer_lens import HookedTransformer
 import sae_lens_transcoder  # noqa: F401  (registers architecture="transcoder")
 from sae_lens_transcoder.config_io import runner_config_from_args
 from sae_lens_transcoder.evals import evaluate_spliced
+from sae_lens_transcoder.export.circuit_tracer import export_circuit_tracer
 from sae_lens_transcoder.llm_transcoder_training_runner import (
     TranscoderTrainingRunner,
     is_offline_model,
@@ -149,9 +150,41 @@ def evaluate(argv: Sequence[str]) -> dict[str, Any]:
     return result
 
 
+EXPORT_FORMATS = ("circuit-tracer",)
+
+
+def export(argv: Sequence[str]) -> Path:
+    parser = argparse.ArgumentParser(
+        prog="sae-lens-transcoder export",
+        description="Write transcoders (one per layer) in another tool's format.",
+    )
+    parser.add_argument("format", choices=EXPORT_FORMATS, help="circuit-tracer: its per-layer transcoder set")
+    parser.add_argument("paths", nargs="+", help="SAELens-format directories or release/sae_id, one per layer")
+    parser.add_argument("--out", required=True, help="directory to create (config.yaml + layer_<i>.safetensors)")
+    parser.add_argument("--model-name", help="TransformerLens model name (default: the transcoders' metadata.model_name)")
+    parser.add_argument("--n-layers", type=int, help="the model's layer count: require a transcoder for every layer")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args(argv)
+    transcoders = [_load_transcoder(p) for p in args.paths]
+    model_name = args.model_name
+    if not model_name:
+        names = {tc.cfg.metadata.model_name for tc in transcoders}
+        if len(names) != 1 or None in names:
+            raise SystemExit(f"give --model-name (the transcoders' metadata.model_name is {sorted(map(str, names))})")
+        (model_name,) = names
+    try:
+        out = export_circuit_tracer(
+            transcoders, args.out, model_name, n_layers=args.n_layers, overwrite=args.overwrite
+        )
+    except (ValueError, FileExistsError) as e:
+        raise SystemExit(f"sae-lens-transcoder export: {e}") from e
+    print(f"wrote {len(transcoders)} transcoders for {model_name} in circuit-tracer format to {out}")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": train, "evaluate": evaluate}
+    commands = {"train": train, "evaluate": evaluate, "export": export}
     if not argv or argv[0] not in commands:
         print(f"usage: sae-lens-transcoder {{{','.join(commands)}}} [options]", file=sys.stderr)
         raise SystemExit(2)

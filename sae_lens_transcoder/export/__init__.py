@@ -1,0 +1,1 @@
+"""Exporters from SAELens transcoders to other tools' file formats."""
