@@ -1,4 +1,4 @@
-"""``sae-lens-transcoder``: train and evaluate transcoders from the shell.
+"""``sae-lens-transcoder``: train, evaluate, export and attribute transcoders from the shell.
 
 SAELens's own CLI never imports plugins; this one registers the transcoder first and
 then hands every training flag to SAELens's parser.
@@ -13,19 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sae_lens import SAE
 from sae_lens.util import get_special_token_ids
-from transformer_lens import HookedTransformer
 
 import sae_lens_transcoder  # noqa: F401  (registers architecture="transcoder")
+from sae_lens_transcoder.circuits.command import attribute
 from sae_lens_transcoder.config_io import runner_config_from_args
 from sae_lens_transcoder.evals import evaluate_spliced
 from sae_lens_transcoder.export.circuit_tracer import export_circuit_tracer
-from sae_lens_transcoder.llm_transcoder_training_runner import (
-    TranscoderTrainingRunner,
-    is_offline_model,
-    load_offline_model,
-)
+from sae_lens_transcoder.llm_transcoder_training_runner import TranscoderTrainingRunner
+from sae_lens_transcoder.loading import load_model_for, load_transcoder
 from sae_lens_transcoder.plots import plot_feature_density
 from sae_lens_transcoder.report import format_table, heldout_tokens, load_heldout_split
 
@@ -89,23 +85,6 @@ def train(argv: Sequence[str]) -> dict[str, Any]:
     return summary
 
 
-def _load_transcoder(spec: str) -> SAE[Any]:
-    """A local SAELens-format directory, or ``release/sae_id`` for ``SAE.from_pretrained``."""
-    if Path(spec).is_dir():
-        return SAE.load_from_disk(spec)
-    release, _, sae_id = spec.partition("/")
-    if not sae_id:
-        raise ValueError(f"{spec!r} is neither a directory nor 'release/sae_id'.")
-    return SAE.from_pretrained(release, sae_id)
-
-
-def _load_eval_model(name: str, metadata: Any, device: str) -> HookedTransformer:
-    kwargs = metadata.model_from_pretrained_kwargs or {}
-    if is_offline_model(name):
-        return load_offline_model(name, device, kwargs)
-    return HookedTransformer.from_pretrained_no_processing(name, device=device, **kwargs)
-
-
 def evaluate(argv: Sequence[str]) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         prog="sae-lens-transcoder evaluate",
@@ -122,13 +101,13 @@ def evaluate(argv: Sequence[str]) -> dict[str, Any]:
     parser.add_argument("--json", help="write all metrics here")
     parser.add_argument("--plots", help="directory for feature-density histograms")
     args = parser.parse_args(argv)
-    transcoders = [_load_transcoder(p).to(args.device) for p in args.paths]
+    transcoders = [load_transcoder(p, args.device) for p in args.paths]
     meta = transcoders[0].cfg.metadata
     model_name = args.model or meta.model_name
     dataset_path = args.dataset or meta.dataset_path
     if not model_name or not dataset_path:
         raise SystemExit("give --model and --dataset (the transcoder's metadata names neither)")
-    model = _load_eval_model(model_name, meta, args.device)
+    model = load_model_for(model_name, meta, args.device)
     context = args.context_size or meta.context_size or 128
     prepend_bos = meta.prepend_bos if meta.prepend_bos is not None else True
     tokens = heldout_tokens(model, load_heldout_split(dataset_path, args.split), context, args.n_tokens, prepend_bos)
@@ -165,7 +144,7 @@ def export(argv: Sequence[str]) -> Path:
     parser.add_argument("--n-layers", type=int, help="the model's layer count: require a transcoder for every layer")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
-    transcoders = [_load_transcoder(p) for p in args.paths]
+    transcoders = [load_transcoder(p) for p in args.paths]
     model_name = args.model_name
     if not model_name:
         names = {tc.cfg.metadata.model_name for tc in transcoders}
@@ -184,7 +163,7 @@ def export(argv: Sequence[str]) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": train, "evaluate": evaluate, "export": export}
+    commands = {"train": train, "evaluate": evaluate, "export": export, "attribute": attribute}
     if not argv or argv[0] not in commands:
         print(f"usage: sae-lens-transcoder {{{','.join(commands)}}} [options]", file=sys.stderr)
         raise SystemExit(2)

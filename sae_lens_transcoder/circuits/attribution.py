@@ -67,7 +67,8 @@ def logit_target(trace: Trace, pos: int, token: int, versus: int | None = None) 
     direction, constant = W_U[:, token], b_U[token]
     if versus is not None:
         direction, constant = direction - W_U[:, versus], constant - b_U[versus]
-    return unembed_target(trace, pos, direction, constant)
+    target = unembed_target(trace, pos, direction, constant)
+    return replace(target, node=replace(target.node, index=token))
 
 
 @torch.no_grad()

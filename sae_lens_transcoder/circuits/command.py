@@ -1,0 +1,79 @@
+"""``sae-lens-transcoder attribute``: explain one prediction of a model through its transcoders."""
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae_lens_transcoder.circuits.graph import build_graph, prune
+from sae_lens_transcoder.circuits.graph_json import save_graph_json
+from sae_lens_transcoder.circuits.graph_plot import format_paths, save_graph_html, save_graph_png
+from sae_lens_transcoder.circuits.paths import find_paths
+from sae_lens_transcoder.circuits.targets import resolve_target
+from sae_lens_transcoder.circuits.trace import trace_prompt
+from sae_lens_transcoder.loading import load_model_for, load_transcoder
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sae-lens-transcoder attribute",
+        description="Attribute a logit (difference) or a feature to upstream features, heads and "
+        "embeddings; write the graph (viewer JSON, HTML, PNG) and print the strongest paths.",
+    )
+    parser.add_argument("--transcoders", nargs="+", required=True, help="SAELens-format dirs or release/sae_id, one per layer")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--out", required=True, help="directory for graph.json, graph.html, graph.png, paths.txt")
+    parser.add_argument("--model", help="model name (default: the transcoders' metadata.model_name)")
+    parser.add_argument("--target", choices=("logit", "feature"), default="logit")
+    parser.add_argument("--token", help="logit target token (default: the top prediction)")
+    parser.add_argument("--versus", help="subtract this token's logit (default: the runner-up, if --token is not given)")
+    parser.add_argument("--layer", type=int, help="feature target: the transcoder's layer")
+    parser.add_argument("--feature", type=int, help="feature target: the feature id")
+    parser.add_argument("--pos", type=int, default=-1, help="token position of the target (negative: from the end)")
+    parser.add_argument("--max-expansions", type=int, default=64, help="features/heads expanded in the graph")
+    parser.add_argument("--node-threshold", type=float, default=0.8, help="pruning: share of influence kept")
+    parser.add_argument("--edge-threshold", type=float, default=0.98, help="pruning: share of edge weight kept")
+    parser.add_argument("--num-iters", type=int, default=3, help="path search depth")
+    parser.add_argument("--num-branches", type=int, default=10, help="path search beam width")
+    parser.add_argument("--top-paths", type=int, default=10, help="paths printed")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def attribute(argv: Sequence[str]) -> dict[str, Any]:
+    args = _parser().parse_args(argv)
+    try:
+        transcoders = [load_transcoder(p, args.device) for p in args.transcoders]
+        meta = transcoders[0].cfg.metadata
+        model_name = args.model or meta.model_name
+        if not model_name:
+            raise ValueError("give --model (the transcoders' metadata names no model)")
+        model = load_model_for(model_name, meta, args.device)
+        trace = trace_prompt(model, transcoders, args.prompt)
+        root, label = resolve_target(trace, args.target, args.pos, args.token, args.versus, args.layer, args.feature)
+    except ValueError as e:
+        raise SystemExit(f"sae-lens-transcoder attribute: {e}") from e
+    tokens = trace.str_tokens()
+    paths = find_paths(trace, root, args.num_iters, args.num_branches)
+    graph = prune(build_graph(trace, root, args.max_expansions), args.node_threshold, args.edge_threshold)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    target_token = root.node.index if root.node.kind == "target" else None
+    json_path = save_graph_json(
+        graph, out / "graph.json", trace=trace, prompt=args.prompt, node_threshold=args.node_threshold,
+        scan=args.transcoders, target_token=target_token, target_label=label,
+    )
+    title = f"{model_name}: {args.prompt!r} -> {label}"
+    save_graph_html(graph, out / "graph.html", title=title)
+    save_graph_png(graph, out / "graph.png", title=title)
+    listing = format_paths(paths[: args.top_paths], tokens)
+    (out / "paths.txt").write_text(listing + "\n")
+    print(f"target {root.node} = {graph.root_value:+.4f}; graph: {len(graph.nodes)} nodes, {len(graph.edges)} edges -> {out}")
+    print(listing)
+    summary = {"root": str(root.node), "root_value": graph.root_value, "n_nodes": len(graph.nodes),
+               "n_edges": len(graph.edges), "graph_json": str(json_path), "top_paths": listing.splitlines()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
