@@ -82,13 +82,20 @@ def residual_target(trace: Trace, site: Site, pos: int, direction: torch.Tensor)
 def head_target(trace: Trace, parent: Target, layer: int, head: int, src: int) -> Target:
     """Head ``head`` of ``layer`` moving token ``src`` into ``parent``: its contribution to the
     parent as an affine function of the source token's residual (pattern frozen, OV pull-back)."""
+    return head_target_for(trace, parent.direction, parent.pos, layer, head, src)
+
+
+@torch.no_grad()
+def head_target_for(trace: Trace, direction: torch.Tensor, dest: int, layer: int, head: int, src: int) -> Target:
+    """``head_target`` for a parent reading ``direction`` at token ``dest``; linear in
+    ``direction``, so one call serves the sum of several parents."""
     attn = trace.model.blocks[layer].attn
-    weight = trace.pattern(layer)[head, parent.pos, src]
-    out_read = attn.W_O[head] @ parent.direction  # [d_head]
+    weight = trace.pattern(layer)[head, dest, src]
+    out_read = attn.W_O[head] @ direction  # [d_head]
     norm = trace.attn_norm(layer)
-    direction, constant = norm.pull_back(weight * (attn.W_V[head] @ out_read), trace.scale(norm, src))
+    pulled, constant = norm.pull_back(weight * (trace.value_weights[layer][head] @ out_read), trace.scale(norm, src))
     constant = constant + weight * (attn.b_V[head] @ out_read)
-    return Target(Node("head", layer, parent.pos, head, src), Site(layer, "attn"), src, direction, constant)
+    return Target(Node("head", layer, dest, head, src), Site(layer, "attn"), src, pulled, constant)
 
 
 @torch.no_grad()

@@ -8,11 +8,11 @@ of every expanded node sum exactly to its influence.
 """
 
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
-from sae_lens_transcoder.circuits.attribution import Target, child_target, direct_contributions, target_value
+from sae_lens_transcoder.circuits.attribution import Target, direct_contributions, feature_target, head_target_for, target_value
 from sae_lens_transcoder.circuits.nodes import Node
 from sae_lens_transcoder.circuits.trace import Trace
 
@@ -45,12 +45,6 @@ def _level(node: Node) -> tuple[int, int]:
     return (node.layer, 1 if node.kind == "feature" else 0)
 
 
-def _merge(a: Target | None, b: Target) -> Target:
-    if a is None:
-        return b
-    return replace(a, direction=a.direction + b.direction, constant=a.constant + b.constant)
-
-
 def build_graph(
     trace: Trace,
     root: Target,
@@ -61,7 +55,10 @@ def build_graph(
     ``min_influence`` of ``|root value|``, from the top layer down."""
     graph = AttributionGraph(trace.str_tokens(), trace.tokens.tolist(), root.node, target_value(trace, root))
     graph.influence[root.node] = graph.root_value
-    pending: dict[Node, Target] = {}
+    # A feature's target is its pre-activation times the summed coefficient of its parents; a
+    # head's is linear in the summed directions its parents read at its destination token.
+    feature_scale: dict[Node, float] = {}
+    head_direction: dict[Node, torch.Tensor] = {}
     threshold = min_influence * abs(graph.root_value)
 
     def expand(node: Node, target: Target) -> None:
@@ -69,19 +66,29 @@ def build_graph(
         for source, value in direct_contributions(trace, target).items():
             graph.edges[(source, node)] = value
             graph.influence[source] = graph.influence.get(source, 0.0) + value
-            if source.expandable:
-                pending[source] = _merge(pending.get(source), child_target(trace, target, source))
             if source.kind == "feature":
-                graph.activation[source] = float(trace.feature_acts[source.layer][source.pos, source.index])
+                activation = float(trace.feature_acts[source.layer][source.pos, source.index])
+                graph.activation[source] = activation
+                feature_scale[source] = feature_scale.get(source, 0.0) + value / activation
+            elif source.kind == "head":
+                previous = head_direction.get(source)
+                head_direction[source] = target.direction if previous is None else previous + target.direction
+
+    def child(node: Node) -> Target:
+        if node.kind == "feature":
+            return feature_target(trace, node.layer, node.index, node.pos).scaled(feature_scale.pop(node))
+        return head_target_for(trace, head_direction.pop(node), node.pos, node.layer, node.index, node.src)
 
     expand(root.node, root)
-    while pending and len(graph.expanded) - 1 < max_expansions:
+    while (feature_scale or head_direction) and len(graph.expanded) - 1 < max_expansions:
+        pending = [*feature_scale, *head_direction]
         level = max(_level(n) for n in pending)
-        at_level = [n for n in pending if _level(n) == level]
-        for node in sorted(at_level, key=lambda n: -abs(graph.influence[n])):
-            target = pending.pop(node)
+        for node in sorted((n for n in pending if _level(n) == level), key=lambda n: -abs(graph.influence[n])):
             if abs(graph.influence[node]) >= threshold and len(graph.expanded) - 1 < max_expansions:
-                expand(node, target)
+                expand(node, child(node))
+            else:
+                feature_scale.pop(node, None)
+                head_direction.pop(node, None)
     return graph
 
 

@@ -93,6 +93,7 @@ class Trace:
     transcoder_bias: dict[int, torch.Tensor] = field(default_factory=dict)  # [d_model]
     skips: dict[int, torch.Tensor] = field(default_factory=dict)  # [pos, d_model]
     errors: dict[int, torch.Tensor] = field(default_factory=dict)  # [pos, d_model]
+    value_weights: dict[int, torch.Tensor] = field(default_factory=dict)  # [n_heads, d_model, d_head]
 
     @property
     def n_layers(self) -> int:
@@ -200,7 +201,9 @@ def _record_attention(trace: Trace) -> None:
         resid = trace.get(f"blocks.{layer}.hook_resid_pre")
         scale = trace.get(norm.scale_hook) if norm.scale_hook else 1.0
         attn_in = norm.apply(resid, scale)
-        values = torch.einsum("sd,hdk->shk", attn_in, attn.W_V) + attn.b_V
+        # Grouped-query attention expands W_V on every access: keep the expanded copy.
+        trace.value_weights[layer] = attn.W_V.detach()
+        values = torch.einsum("sd,hdk->shk", attn_in, trace.value_weights[layer]) + attn.b_V
         trace.attn_in[layer], trace.values[layer] = attn_in, values
         heads_out = torch.einsum("hts,shk,hkd->td", trace.pattern(layer), values, attn.W_O) + attn.b_O
         if not _close(heads_out, trace.get(f"blocks.{layer}.hook_attn_out")):
