@@ -31,6 +31,7 @@ SETUPS = [
     ("neox", "mlp.hook_in", "jumprelu_skip"),
     ("llama", "mlp.hook_in", "relu"),
     ("llama-gqa", "mlp.hook_in", "skip"),  # grouped-query attention, as in SmolLM2
+    ("tiny-trained", "ln2.hook_normalized", "relu"),  # the bundled trained GPT-2-style model
 ]
 
 
@@ -39,11 +40,14 @@ def _prompt(n: int = 12, seed: int = 5) -> torch.Tensor:
 
 
 def _traced(arch: str, hook: str, kind: str) -> Trace:
-    model = build_model("llama", n_key_value_heads=2) if arch == "llama-gqa" else build_model(arch)
-    with torch.no_grad():  # fresh attention biases are zero, which would hide a missing bias term
-        for block in model.blocks:
-            block.attn.b_O.add_(0.1 * torch.randn_like(block.attn.b_O))
-            block.attn.b_V.add_(0.1 * torch.randn_like(block.attn.b_V))
+    if arch == "tiny-trained":
+        model = load_model("tiny-gpt2")
+    else:
+        model = build_model("llama", n_key_value_heads=2) if arch == "llama-gqa" else build_model(arch)
+        with torch.no_grad():  # fresh attention biases are zero, which would hide a missing bias term
+            for block in model.blocks:
+                block.attn.b_O.add_(0.1 * torch.randn_like(block.attn.b_O))
+                block.attn.b_V.add_(0.1 * torch.randn_like(block.attn.b_V))
     transcoders = [random_transcoder(model, layer, hook=hook, kind=kind) for layer in (0, 1)]
     return trace_prompt(model, transcoders, _prompt())
 
