@@ -271,3 +271,12 @@ def test_ov_norm_map_covers_exactly_the_attention_layers_upstream() -> None:
         assert norms.shape == (expected_layers, model.cfg.n_heads) and (norms > 0).all()
     model = build_model("neox")
     assert ov_norm_map(model, Splice.from_sae(random_transcoder(model, 0)), feature=3).shape == (0, model.cfg.n_heads)
+
+
+def test_input_scale_is_folded_into_features_and_decoders() -> None:
+    model = build_model("llama")
+    splices = [Splice.from_sae(random_transcoder(model, layer), input_scale=2.5) for layer in (0, 1)]
+    trace = trace_prompt(model, splices, _prompt())
+    feature = _most_active(trace, 1, 11)
+    _assert_complete(trace, feature_target(trace, 1, feature, 11), _true_pre_activation(trace, 1, feature, 11))
+    _assert_complete(trace, logit_target(trace, 11, 5, versus=7), float(trace.logits[11, 5] - trace.logits[11, 7]))

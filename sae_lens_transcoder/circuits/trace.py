@@ -35,20 +35,33 @@ class Site:
             raise ValueError(f"Site kind {self.kind!r} is not one of {SITE_KINDS}")
 
 
-def effective_encoder(splice: Splice) -> torch.Tensor:
-    """``[d_in, d_sae]`` matrix with pre-activations ``x @ E + b_enc`` for raw MLP inputs ``x``
-    (the splice's input scale and SAELens's input normalisation folded in)."""
+def _input_map(splice: Splice) -> float | torch.Tensor:
+    """What multiplies the raw MLP input before ``W_enc`` (the splice's input scale and SAELens's
+    input normalisation): a number in the usual cases, else a ``[d_in, d_in]`` matrix."""
     tc = splice.transcoder
     eye = torch.eye(tc.cfg.d_in, dtype=tc.dtype, device=tc.device) * splice.input_scale
     with torch.no_grad():
         once, twice = tc.run_time_activation_norm_fn_in(eye), tc.run_time_activation_norm_fn_in(2 * eye)
-        if not torch.allclose(twice, 2 * once, rtol=1e-5, atol=1e-6):
-            raise ValueError(
-                f"normalize_activations={tc.cfg.normalize_activations!r} is not a linear map, so the "
-                "transcoder's features are not affine in its input: circuits need 'none' or "
-                "'expected_average_only_in'."
-            )
-        return once @ tc.W_enc
+    if not torch.allclose(twice, 2 * once, rtol=1e-5, atol=1e-6):
+        raise ValueError(
+            f"normalize_activations={tc.cfg.normalize_activations!r} is not a linear map, so the "
+            "transcoder's features are not affine in its input: circuits need 'none' or "
+            "'expected_average_only_in'."
+        )
+    diagonal = once.diagonal()
+    if torch.equal(once, torch.diag(diagonal)) and bool((diagonal == diagonal[0]).all()):
+        return float(diagonal[0])
+    return once
+
+
+def effective_encoder(splice: Splice) -> torch.Tensor:
+    """``[d_in, d_sae]`` matrix with pre-activations ``x @ E + b_enc`` for raw MLP inputs ``x``;
+    the transcoder's own ``W_enc`` (no copy) when nothing rescales the input."""
+    W_enc = splice.transcoder.W_enc.detach()
+    scale = _input_map(splice)
+    if isinstance(scale, float):
+        return W_enc if scale == 1.0 else W_enc * scale
+    return scale @ W_enc
 
 
 def final_norm(model: HookedTransformer) -> FrozenNorm:
@@ -219,7 +232,8 @@ def _record_transcoder(trace: Trace, layer: int, splice: Splice) -> None:
     out = splice(x).to(x.dtype)
     acts = splice.last_feature_acts
     assert acts is not None
-    decoder = (tc.W_dec / splice.input_scale).to(x.dtype)
+    decoder = tc.W_dec.detach() if splice.input_scale == 1.0 else tc.W_dec.detach() / splice.input_scale
+    decoder = decoder.to(x.dtype)
     bias = (tc.b_dec / splice.input_scale).to(x.dtype)
     parts = acts.to(x.dtype) @ decoder + bias
     if hasattr(tc, "W_skip"):
