@@ -566,9 +566,8 @@ NOTES = [
     "- **Memory.** Peak RSS (VmHWM) is reset once model and transcoders are loaded, so 'peak − loaded' is what "
     "the attribution itself adds. Our loaded baseline is higher (SmolLM2: ~1.8 GB vs ~1.15 GB): circuit-tracer's "
     "cache loader reads decoders lazily from the safetensors files (~0.3 GB not resident), and our process "
-    "imports more (SAELens, transformers 5). So total peak RSS is higher for ours (SmolLM2 +10%), the increase "
-    "lower. About 0.6 GB of our SmolLM2 increase are trace_prompt's per-layer copies of the encoder and decoder "
-    "matrices (estimated from their sizes).",
+    "imports more (SAELens, transformers 5). The attribution adds far less for ours (trace_prompt keeps the "
+    "transcoders' own encoder/decoder matrices instead of copies), so ours is lower in total peak RSS too.",
 ]
 
 
