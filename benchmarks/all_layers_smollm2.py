@@ -28,22 +28,13 @@ from sae_lens_transcoder.config_io import load_config_file, runner_config_from_d
 from sae_lens_transcoder.data import load_text_split
 from sae_lens_transcoder.evals import evaluate_spliced
 from sae_lens_transcoder.models import load_model
-from sae_lens_transcoder.report import heldout_tokens
+from sae_lens_transcoder.report import TABLE_COLUMNS, heldout_tokens
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2-135m-layer3.yaml"
 TRAIN_SUMMARY = "train_summary.json"  # written beside the transcoder: wall time of its training
 N_LAYERS_IN_MODEL = 30
-COLUMNS = (
-    ("l0", "L0", "{:.1f}"),
-    ("explained_variance", "EV(mlp_out)", "{:.3f}"),
-    ("ce_loss_clean", "CE clean", "{:.4f}"),
-    ("ce_loss_spliced", "CE spliced", "{:.4f}"),
-    ("ce_loss_zero_ablation", "CE zero-abl", "{:.4f}"),
-    ("ce_loss_recovered", "CE recovered", "{:.1%}"),
-    ("kl_div", "KL", "{:.4f}"),
-    ("dead_features", "dead", "{}"),
-    ("train_seconds", "train s", "{:.0f}"),
-)
+# The evaluation table's columns (without its name column) plus training time.
+COLUMNS = (*TABLE_COLUMNS[1:], ("train_seconds", "train s", "{:.0f}"))
 
 
 def _layer_dir(out_dir: str, layer: int) -> Path:

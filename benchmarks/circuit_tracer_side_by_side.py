@@ -39,8 +39,6 @@ Matching circuit-tracer's conventions (read from its 0.5.0 source):
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import math
 import os
@@ -52,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _circuit_tracer_worker import memory_kib, rows_path, settle_and_reset_peak  # stdlib + torch only
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "_circuit_tracer_worker.py"
@@ -95,25 +94,6 @@ MODELS: dict[str, dict[str, Any]] = {
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def memory_kib() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            out[line.split(":")[0]] = int(line.split()[1])
-    return out
-
-
-def settle_and_reset_peak() -> int:
-    """As in the worker: free what can be freed, reset the peak RSS, return the RSS (KiB)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    Path("/proc/self/clear_refs").write_text("5")
-    return memory_kib()["VmRSS"]
 
 
 def load(name: str) -> Any:
@@ -292,7 +272,7 @@ def compare_with_circuit_tracer(trace: Any, effects: Any, ct_path: Path, logit_i
     from sae_lens_transcoder.circuits.effects import total_effects_batch
 
     ct = torch.load(ct_path, weights_only=False)
-    rows = torch.load(ct_path.with_name(ct_path.stem + "_rows.pt"), weights_only=False)
+    rows = torch.load(rows_path(ct_path), weights_only=False)
     n_pos, n_layers = trace.n_pos, trace.n_layers
     d_sae = max(int(acts.shape[1]) for acts in trace.feature_acts.values())
 

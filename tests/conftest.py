@@ -1,8 +1,10 @@
 """Shared fixtures: small real HookedTransformers of the three MLP layouts we support."""
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
+import huggingface_hub.constants
 import pytest
 import torch
 from datasets import Dataset
@@ -101,3 +103,22 @@ def runner_config(**overrides: Any) -> LanguageModelSAERunnerConfig[TrainingTran
 @pytest.fixture
 def make_runner_config() -> Callable[..., LanguageModelSAERunnerConfig[TrainingTranscoderConfig]]:
     return runner_config
+
+
+def go_offline(mp: pytest.MonkeyPatch) -> None:
+    """Set HF_HUB_OFFLINE (also where huggingface_hub cached it) and refuse sockets."""
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    connect = socket.socket.connect
+
+    def no_network(sock: socket.socket, address: object) -> None:
+        if sock.family != socket.AF_UNIX:
+            raise OSError(f"network access attempted: {address!r}")
+        connect(sock, address)
+
+    mp.setattr(socket.socket, "connect", no_network)
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    go_offline(monkeypatch)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 import types
 from pathlib import Path
 from typing import Any
 
-import huggingface_hub.constants
 import pytest
 import torch
 from tokenizers import Tokenizer
@@ -36,21 +34,6 @@ from sae_lens_transcoder.models import (
 )
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
-
-
-@pytest.fixture
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """HF_HUB_OFFLINE=1 (also where huggingface_hub cached it), and no sockets."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    connect = socket.socket.connect
-
-    def no_network(sock: socket.socket, address: object) -> None:
-        if sock.family != socket.AF_UNIX:
-            raise OSError(f"network access attempted: {address!r}")
-        connect(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:

@@ -11,12 +11,10 @@ import gc
 import importlib.metadata
 import os
 import shutil
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import huggingface_hub.constants
 import pytest
 import torch
 from transformer_lens import HookedTransformer
@@ -31,23 +29,10 @@ from sae_lens_transcoder.models.smollm2 import (
     load_smollm2_hf,
     smollm2_gguf_path,
 )
+from tests.conftest import go_offline
 
 PROMPT = "The capital of France is"
 N_NEW_TOKENS = 10
-
-
-def go_offline(mp: pytest.MonkeyPatch) -> None:
-    """Set HF_HUB_OFFLINE (also where huggingface_hub cached it) and refuse sockets."""
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    connect = socket.socket.connect
-
-    def no_network(sock: socket.socket, address: object) -> None:
-        if sock.family != socket.AF_UNIX:
-            raise OSError(f"network access attempted: {address!r}")
-        connect(sock, address)
-
-    mp.setattr(socket.socket, "connect", no_network)
 
 
 @dataclass
@@ -89,11 +74,6 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loaded]:
     del hf_model, generated
     gc.collect()
     yield Loaded(model, cache_dir, token_ids, hf_logits, hf_text)
-
-
-@pytest.fixture
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    go_offline(monkeypatch)
 
 
 def test_architecture_read_from_gguf(loaded: Loaded) -> None:
