@@ -1,10 +1,10 @@
-"""``total_effects_batch`` gives, target by target, exactly what ``total_effects`` gives."""
+"""``total_effects_batch``: many targets sharing one walk give what each gives alone, and each is complete."""
 
 import pytest
 import torch
 
 from sae_lens_transcoder.circuits import Site, Trace, feature_target, logit_target, trace_prompt, unembed_target
-from sae_lens_transcoder.circuits.attribution import Target, head_target, residual_target
+from sae_lens_transcoder.circuits.attribution import Target, head_target, residual_target, target_value
 from sae_lens_transcoder.circuits.effects import Effects, active_features, total_effects, total_effects_batch
 from tests.circuit_fixtures import random_transcoder
 from tests.conftest import D_VOCAB, build_model
@@ -71,6 +71,7 @@ def test_batched_effects_equal_one_target_at_a_time(arch: str, hook: str, kind: 
         single = total_effects(trace, target)
         _assert_same(batch.effects(i), single)
         assert float(totals[i]) == pytest.approx(single.total(), rel=1e-5, abs=1e-5)
+        assert single.total() == pytest.approx(target_value(trace, target), rel=1e-4, abs=1e-5)
 
 
 def test_active_features_are_the_non_zero_activations_in_order() -> None:

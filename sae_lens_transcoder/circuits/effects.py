@@ -33,51 +33,9 @@ class Effects:
         return sum(float(t.sum()) for t in terms) + embed + self.bias
 
 
-@torch.no_grad()
 def total_effects(trace: Trace, target: Target) -> Effects:
     """Every term's effect on ``target`` through the residual stream and any attention paths."""
-    directions = torch.zeros_like(trace.residual(target.site))  # one direction per token
-    directions[target.pos] = target.direction
-    effects = Effects(bias=float(target.constant))
-    attn_layers, mlp_layers = trace.writes_before(target.site)
-    for layer in reversed(range(max(attn_layers.stop, mlp_layers.stop))):
-        # MLPs are frozen terms, so an MLP's write never passes a direction on to its input.
-        if layer in mlp_layers:
-            _mlp_effects(trace, layer, directions, effects)
-        if layer in attn_layers:
-            directions = directions + _attention_pullback(trace, layer, directions, effects)
-    embed = (trace.get("hook_embed") * directions).sum(-1)
-    if "hook_pos_embed" in trace.cache.cache_dict:
-        embed = embed + (trace.get("hook_pos_embed") * directions).sum(-1)
-    effects.embed = embed
-    return effects
-
-
-def _mlp_effects(trace: Trace, layer: int, directions: torch.Tensor, effects: Effects) -> None:
-    if layer not in trace.splices:
-        effects.errors[layer] = (trace.mlp_out(layer) * directions).sum(-1)
-        return
-    effects.features[layer] = trace.feature_acts[layer] * (directions @ trace.decoders[layer].T)
-    effects.errors[layer] = (trace.errors[layer] * directions).sum(-1)
-    effects.bias += float((directions @ trace.transcoder_bias[layer]).sum())
-    if layer in trace.skips:
-        effects.skips[layer] = (trace.skips[layer] * directions).sum(-1)
-
-
-def _attention_pullback(trace: Trace, layer: int, directions: torch.Tensor, effects: Effects) -> torch.Tensor:
-    """Directions that attention ``layer`` adds at its source tokens (frozen pattern, OV and ln1);
-    its constant terms go to ``effects.bias``."""
-    attn = trace.model.blocks[layer].attn
-    norm = trace.attn_norm(layer)
-    effects.bias += float((directions @ attn.b_O).sum())
-    out_read = torch.einsum("hkd,td->thk", attn.W_O, directions)  # [dest, head, d_head]
-    moved = torch.einsum("hts,thk->shk", trace.pattern(layer), out_read)  # [src, head, d_head]
-    effects.bias += float(torch.einsum("shk,hk->", moved, attn.b_V))
-    into_norm = torch.einsum("hdk,shk->sd", attn.W_V, moved)  # [src, d_model] on ln1's output
-    scale = trace.get(norm.scale_hook) if norm.scale_hook else torch.ones(trace.n_pos, 1)
-    pulled, constants = norm.pull_back(into_norm, scale)
-    effects.bias += float(constants.sum())
-    return pulled
+    return total_effects_batch(trace, [target]).effects(0)
 
 
 # ------------------------------------------------------------------ many targets at once
@@ -184,7 +142,10 @@ def _layer_features(trace: Trace, active: torch.Tensor) -> dict[int, _LayerFeatu
 
 @torch.no_grad()
 def total_effects_batch(trace: Trace, targets: Sequence[Target], batch_size: int = 64) -> BatchEffects:
-    """``total_effects`` for many targets, walking the layers down once per ``batch_size`` of them.
+    """Effects on many targets, walking the layers down once per ``batch_size`` of them.
+
+    MLPs are frozen terms, so an MLP's write never passes a direction on to its input;
+    attention adds directions at its source tokens.
 
     A batch's residual directions are one ``[batch, pos, d_model]`` tensor; each target joins
     the walk where its own site reads the residual stream, so logits and features of any
@@ -277,7 +238,8 @@ def _value_weights(attn: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, i
 
 
 def _batch_attention_pullback(trace: Trace, layer: int, directions: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``_attention_pullback`` for a batch of direction sets ``[batch, pos, d_model]``."""
+    """Directions that attention ``layer`` adds at its source tokens (frozen pattern, OV and ln1),
+    for a batch of direction sets ``[batch, pos, d_model]``; its constant terms go to ``bias``."""
     attn = trace.model.blocks[layer].attn
     norm = trace.attn_norm(layer)
     batch, n_pos, d_model = directions.shape
