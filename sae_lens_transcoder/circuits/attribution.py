@@ -122,11 +122,13 @@ class Contributions:
         """Every non-zero contribution."""
         pos = self.target.pos
         for layer, values in self.features.items():
-            for index in values.nonzero().flatten().tolist():
-                yield Node("feature", layer, pos, index), float(values[index])
+            indices = values.nonzero().flatten()
+            for index, value in zip(indices.tolist(), values[indices].tolist()):
+                yield Node("feature", layer, pos, index), value
         for layer, values in self.heads.items():
-            for head, src in values.nonzero().tolist():
-                yield Node("head", layer, pos, head, src), float(values[head, src])
+            heads, sources = values.nonzero(as_tuple=True)
+            for head, src, value in zip(heads.tolist(), sources.tolist(), values[heads, sources].tolist()):
+                yield Node("head", layer, pos, head, src), value
         yield from ((node, value) for node, value in self.others.items() if value != 0.0)
 
     def total(self) -> float:

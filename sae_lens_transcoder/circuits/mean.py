@@ -37,7 +37,9 @@ def mean_feature_attributions(
     for start in range(0, tokens.shape[0], batch_size):
         batch = tokens[start : start + batch_size].to(model.cfg.device)
         with spliced(model, [upstream, downstream], use_error_term=True):
-            _, cache = model.run_with_cache(batch, names_filter=[norm.scale_hook] if norm.scale_hook else [])
+            _, cache = model.run_with_cache(
+                batch, names_filter=[norm.scale_hook] if norm.scale_hook else [], stop_at_layer=downstream.layer + 1
+            )
         up_acts = upstream.last_feature_acts.flatten(0, -2)  # type: ignore[union-attr]
         down_acts = downstream.last_feature_acts[..., feature].flatten()  # type: ignore[index]
         scale = cache[norm.scale_hook].flatten() if norm.scale_hook else torch.ones_like(down_acts)
