@@ -128,9 +128,9 @@ def _scored_tokens(model: HookedTransformer, scores: torch.Tensor, k: int) -> di
 def _head_section(model: HookedTransformer, splice: Splice, feature: int, k: int) -> dict[str, Any]:
     """Heads ranked by how strongly their OV circuit can write the feature's input direction,
     and what the best one would have to read at its source token."""
-    if model.cfg.parallel_attn_mlp and splice.layer == 0:  # no attention layer before this MLP
-        return {"top_heads": [], "best_head_de_embedding": {"top": [], "bottom": []}}
     norms = ov_norm_map(model, splice, feature)
+    if norms.numel() == 0:  # no attention layer before this MLP
+        return {"top_heads": [], "best_head_de_embedding": {"top": [], "bottom": []}}
     values, flat = norms.flatten().topk(min(k, norms.numel()))
     heads = [
         {"layer": int(i) // norms.shape[1], "head": int(i) % norms.shape[1], "norm": float(v)}
