@@ -4,9 +4,7 @@ import copy
 import json
 import logging
 import os
-import shutil
 import signal
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_transcoder import models
+from sae_lens_transcoder.atomic import replace_dir_atomically
 from sae_lens_transcoder.hooks import (
     default_input_hook,
     hook_layer,
@@ -221,12 +220,6 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         output_path: str,
         log_feature_sparsity: Any = None,
     ) -> None:
-        # Written beside the target and renamed into place, so a crash never leaves a
-        # half-written transcoder where SAE.load_from_disk would read it.
-        final = Path(output_path)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        partial = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
-        super().save_final_sae(sae, str(partial), log_feature_sparsity)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
+        # A crash never leaves a half-written transcoder where SAE.load_from_disk would read it.
+        save = super().save_final_sae
+        replace_dir_atomically(Path(output_path), lambda partial: save(sae, str(partial), log_feature_sparsity))

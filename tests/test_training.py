@@ -64,7 +64,7 @@ def test_saved_transcoder_loads_in_plain_sae_lens_with_identical_outputs(
     saved = json.loads((out / "cfg.json").read_text())
     assert saved["architecture"] == "transcoder" and saved["normalize_activations"] == "none"
     assert saved["metadata"]["hook_name_out"] == "blocks.1.hook_mlp_out"
-    assert not list(tmp_path.glob(".tc.partial-*"))
+    assert not list(tmp_path.glob(".tc.*"))  # no partial or old copy left beside it
     x = torch.randn(16, D_MODEL) * 3
     torch.save(x, tmp_path / "x.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

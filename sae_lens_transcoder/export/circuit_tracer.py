@@ -49,10 +49,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +71,7 @@ from sae_lens.saes.transcoder import (
     TranscoderConfig,
 )
 
+from sae_lens_transcoder.atomic import replace_dir_atomically
 from sae_lens_transcoder.hooks import hook_layer
 from sae_lens_transcoder.saes.transcoder import TrainingTranscoder
 from sae_lens_transcoder.splicing import Splice
@@ -271,29 +269,11 @@ def _check_set(prepared: list[_Prepared], n_layers: int | None) -> None:
 
 
 def _write_atomically(out_dir: Path, fill: Any, overwrite: bool) -> None:
-    """Build the directory next to ``out_dir`` and rename it into place when complete."""
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory.")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True / --overwrite).")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    old: Path | None = None
-    try:
-        fill(tmp)
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            os.rmdir(old)
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not out_dir.exists():
-            os.rename(old, out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir_atomically(out_dir, fill)
 
 
 def export_circuit_tracer(
