@@ -1,5 +1,7 @@
 """Path search and attribution graphs: a hand-built model with a known circuit, and exactness."""
 
+from collections import Counter
+
 import pytest
 import torch
 from sae_lens.saes.sae import SAEMetadata
@@ -96,8 +98,11 @@ def test_graph_of_the_known_circuit_keeps_it_after_pruning() -> None:
 def test_graph_edges_into_every_expanded_node_sum_to_its_influence(arch: str) -> None:
     model = build_model(arch)
     trace = trace_prompt(model, [random_transcoder(model, layer) for layer in (0, 1)], torch.randint(1, 300, (10,)))
-    graph = build_graph(trace, logit_target(trace, 9, 5, versus=7), max_expansions=30, min_influence=0.0)
-    assert len(graph.expanded) == 31
+    graph = build_graph(trace, logit_target(trace, 9, 5, versus=7), max_expansions=400, min_influence=0.0)
+    assert len(graph.expanded) == 401
+    # Layer-0 features reached through several parents: their targets must sum all of them.
+    parents = Counter(src for src, _ in graph.edges)
+    assert any(n.kind == "feature" and n.layer == 0 and parents[n] > 1 for n in graph.expanded)
     for node in graph.expanded:
         assert sum(graph.incoming(node).values()) == pytest.approx(graph.influence[node], rel=1e-4, abs=1e-5)
     merged = merge_positions(graph)
