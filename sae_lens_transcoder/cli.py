@@ -24,6 +24,8 @@ from sae_lens_transcoder.llm_transcoder_training_runner import TranscoderTrainin
 from sae_lens_transcoder.loading import load_model_for, load_transcoder
 from sae_lens_transcoder.plots import plot_feature_density
 from sae_lens_transcoder.report import format_table, heldout_tokens, load_heldout_split
+from sae_lens_transcoder.training.activations_store import NonFiniteActivationsError
+from sae_lens_transcoder.training.trainer import NonFiniteLossError, TrainingInterrupted
 
 
 def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -56,7 +58,13 @@ def train(argv: Sequence[str]) -> dict[str, Any]:
     cfg = runner_config_from_args(sae_lens_args, config_file=ours.config)
     start = time.perf_counter()
     runner = TranscoderTrainingRunner(cfg)
-    sae = runner.run()
+    try:
+        sae = runner.run()
+    except TrainingInterrupted as stop:
+        print(f"sae-lens-transcoder train: {stop}", file=sys.stderr)
+        raise SystemExit(128 + (stop.signal_number or 0)) from None
+    except (NonFiniteLossError, NonFiniteActivationsError) as error:
+        raise SystemExit(f"sae-lens-transcoder train: {error}") from None
     wall = time.perf_counter() - start
     summary: dict[str, Any] = {
         "name": f"{cfg.model_name}:{cfg.hook_name}",

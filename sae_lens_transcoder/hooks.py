@@ -115,6 +115,12 @@ def validate_transcoder_hooks(
             f"sae.d_out={d_out} but sae.hook_name_out={hook_name_out!r} has width "
             f"{tuple(y.shape[2:])}: set sae.d_out: {y.shape[-1]}."
         )
+    for name, value in ((hook_name, x), (hook_name_out, y)):
+        if not torch.isfinite(value).all():
+            raise ValueError(
+                f"the model's activations at {name!r} are not finite (NaN/inf) on a probe "
+                "batch; a transcoder cannot be trained on them. Check the model's weights and dtype."
+            )
     mlp_input = acts[exact]
     is_exact = mlp_input.shape == x.shape and torch.allclose(x, mlp_input, rtol=1e-5, atol=1e-6)
     if is_exact:

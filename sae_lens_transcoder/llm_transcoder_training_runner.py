@@ -4,88 +4,43 @@ import copy
 import json
 import logging
 import os
-import signal
 from pathlib import Path
 from typing import Any
+
+import wandb
 
 from sae_lens.config import HfDataset, LanguageModelSAERunnerConfig
 from sae_lens.llm_sae_training_runner import LanguageModelSAETrainingRunner
 from sae_lens.load_model import load_model as sae_lens_load_model
-from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
-from sae_lens.training._interruption import InterruptedException, interrupt_callback
-from sae_lens.training.sae_trainer import SAETrainer
+from sae_lens.saes.sae import TrainingSAE
+from sae_lens.training.prefetch import PrefetchingIterator
+from sae_lens.util import temporary_seed
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_transcoder import models
+from sae_lens_transcoder._version import __version__
 from sae_lens_transcoder.atomic import replace_dir_atomically
-from sae_lens_transcoder.hooks import (
-    default_input_hook,
-    hook_layer,
-    mlp_out_hook,
-    validate_transcoder_hooks,
-)
+from sae_lens_transcoder.hooks import default_input_hook, validate_transcoder_hooks
 
 from sae_lens_transcoder.saes.transcoder import TrainingTranscoder, TrainingTranscoderConfig
 from sae_lens_transcoder.training.activations_store import TranscoderActivationsStore
+from sae_lens_transcoder.training.checkpoint_view import write_inference_view
 from sae_lens_transcoder.training.evaluator import TranscoderEvaluator
+from sae_lens_transcoder.training.shuffle_buffer import TrackedBatches
+from sae_lens_transcoder.training.stop_signals import StopSignals
+from sae_lens_transcoder.training.trainer import TranscoderTrainer
+from sae_lens_transcoder.validation import (
+    PLUGIN_VERSION_KEY,
+    SAE_LENS_DEFAULT_HOOK,
+    check_output_path,
+    validate_runner_config,
+    validate_runner_model,
+)
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_COMPLETE_FILENAME = "checkpoint_complete.json"
-SAE_LENS_DEFAULT_HOOK = LanguageModelSAERunnerConfig.__dataclass_fields__["hook_name"].default
-
-
-def validate_runner_config(cfg: LanguageModelSAERunnerConfig[Any]) -> None:
-    """Checks that need no model: run them before anything slow happens."""
-    if not isinstance(cfg.sae, TrainingTranscoderConfig):
-        raise ValueError(
-            f"sae.architecture is {cfg.sae.architecture()!r}; TranscoderTrainingRunner "
-            "trains sae.architecture: transcoder (import sae_lens_transcoder first)."
-        )
-    if cfg.use_cached_activations:
-        raise ValueError(
-            "use_cached_activations=True is not supported for transcoders: SAELens caches "
-            "one hook, a transcoder needs the MLP input and output of the same tokens. "
-            "Set use_cached_activations: false."
-        )
-    if cfg.hook_head_index is not None:
-        raise ValueError("hook_head_index must be None for an MLP transcoder.")
-    if cfg.model_class_name != "HookedTransformer":
-        raise ValueError(
-            f"model_class_name={cfg.model_class_name!r}: transcoder training needs a "
-            "TransformerLens HookedTransformer (its MLP hooks). Set model_class_name: HookedTransformer."
-        )
-    buffer_tokens = cfg.n_batches_in_buffer * cfg.context_size
-    if buffer_tokens < cfg.train_batch_size_tokens:
-        raise ValueError(
-            f"n_batches_in_buffer × context_size = {buffer_tokens} tokens is smaller than "
-            f"train_batch_size_tokens={cfg.train_batch_size_tokens}; raise n_batches_in_buffer "
-            f"to at least {-(-cfg.train_batch_size_tokens // cfg.context_size)}."
-        )
-    sae = cfg.sae
-    if sae.mlp_layer is not None:
-        if cfg.hook_name != SAE_LENS_DEFAULT_HOOK and hook_layer(cfg.hook_name) != sae.mlp_layer:
-            raise ValueError(
-                f"sae.mlp_layer={sae.mlp_layer} disagrees with hook_name={cfg.hook_name!r}; "
-                "give one of them."
-            )
-        sae.hook_name_out = sae.hook_name_out or mlp_out_hook(sae.mlp_layer)
-    elif cfg.hook_name == SAE_LENS_DEFAULT_HOOK:
-        raise ValueError(
-            f"hook_name is SAELens's default {SAE_LENS_DEFAULT_HOOK!r}, an MLP *output*. "
-            "Set sae.mlp_layer (e.g. mlp_layer: 3) to pick the MLP's exact input and output "
-            "hooks, or set hook_name to the MLP input (e.g. 'blocks.3.mlp.hook_in')."
-        )
-    else:
-        sae.hook_name_out = sae.hook_name_out or mlp_out_hook(hook_layer(cfg.hook_name))
-    # With mlp_layer, SAELens's default hook_name means "not given": it is resolved later.
-    hook_name_given = cfg.hook_name != SAE_LENS_DEFAULT_HOOK
-    if hook_name_given and sae.hook_name_out == cfg.hook_name:
-        raise ValueError(
-            f"hook_name and sae.hook_name_out are both {cfg.hook_name!r}; a transcoder "
-            "reads the MLP input (hook_name) and predicts the MLP output (hook_name_out)."
-        )
 
 
 def is_offline_model(name: str) -> bool:
@@ -126,22 +81,32 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         override_dataset: HfDataset | None = None,
         override_model: HookedRootModule | None = None,
         override_sae: TrainingSAE[Any] | None = None,
+        *,
+        overwrite_output: bool = False,
     ):
         # SAELens's __init__ builds a single-hook store and its stock evaluator inline
         # (no factory seam), so this builds the runner's parts itself.
-        validate_runner_config(cfg)
+        validate_runner_config(cfg, override_dataset)
+        # Nothing at output_path is replaced unless it is a previous transcoder or asked.
+        check_output_path(cfg.output_path, overwrite_output)
+        self.overwrite_output = overwrite_output
         if cfg.resume_from_checkpoint is not None:
             require_complete_checkpoint(cfg.resume_from_checkpoint)
         self.cfg = cfg
         self.model = override_model if override_model is not None else self._load_model()
         if not isinstance(self.model, HookedTransformer):
             raise ValueError("TranscoderTrainingRunner needs a HookedTransformer model.")
+        validate_runner_model(cfg, self.model)
         self._resolve_and_validate_hooks()
         self._compile_llm_if_needed()
         self.activations_store = TranscoderActivationsStore.from_runner_config(
             self.model, cfg, override_dataset=override_dataset
         )
-        self.sae = override_sae if override_sae is not None else self._build_sae()
+        if override_sae is not None:
+            self.sae = override_sae
+        else:
+            with temporary_seed(cfg.seed):  # the same seed gives the same initial weights
+                self.sae = self._build_sae()
         self.sae.to(cfg.device)
         assert cfg.sae.hook_name_out is not None
         self.evaluator = TranscoderEvaluator(  # type: ignore[assignment]
@@ -152,6 +117,60 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
             n_eval_batches=cfg.n_eval_batches,
             eval_batch_size_prompts=cfg.eval_batch_size_prompts,
         )
+        self.trainer: TranscoderTrainer | None = None
+        self.data_position: TrackedBatches | None = None
+
+    def run(self) -> TrainingSAE[Any]:  # type: ignore[override]
+        """Train, checkpoint, resume and save as SAELens's runner does, exactly resumable.
+
+        SAELens's ``run`` builds a plain ``SAETrainer`` inline (no trainer seam) and starts
+        prefetching before it restores the data position, so this composes the same steps.
+        """
+        cfg = self.cfg
+        self._set_sae_metadata()
+        if cfg.logger.log_to_wandb:
+            wandb.init(
+                project=cfg.logger.wandb_project,
+                entity=cfg.logger.wandb_entity,
+                config=cfg.to_dict(),
+                name=cfg.logger.run_name,
+                id=cfg.logger.wandb_id,
+            )
+        store = self.activations_store
+        if cfg.resume_from_checkpoint is not None:
+            store.restore_stream(store.load_stream_state(cfg.resume_from_checkpoint))
+        start = store.shuffle_buffer.state()
+        source: Any = store.batches_with_state()
+        if cfg.prefetch_llm_batches:
+            # bool is an int: True means one batch ahead.
+            ahead = 1 if isinstance(cfg.prefetch_llm_batches, bool) else cfg.prefetch_llm_batches
+            source = PrefetchingIterator(source, prefetch=ahead)
+        self.data_position = TrackedBatches(source, start)
+        stop = StopSignals()
+        try:
+            self.trainer = TranscoderTrainer(
+                cfg=cfg.to_sae_trainer_config(),
+                sae=self.sae,
+                data_provider=self.data_position,
+                evaluator=self.evaluator,
+                save_checkpoint_fn=self.save_checkpoint,
+                stop_requested=stop.received,
+            )
+            if cfg.resume_from_checkpoint is not None:
+                logger.info("resuming from %s", cfg.resume_from_checkpoint)
+                self.trainer.load_trainer_state(cfg.resume_from_checkpoint)
+                self.sae.load_weights_from_checkpoint(cfg.resume_from_checkpoint)
+            self._compile_sae_if_needed()
+            with stop:
+                sae = self.trainer.fit()
+            if cfg.output_path is not None:
+                self.save_final_sae(sae, cfg.output_path, self.trainer.log_feature_sparsity)
+            if cfg.logger.log_to_wandb:
+                wandb.finish()
+            return sae
+        finally:
+            if isinstance(source, PrefetchingIterator):
+                source.close()
 
     def _load_model(self) -> HookedRootModule:
         cfg = self.cfg
@@ -187,32 +206,30 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
 
     def _set_sae_metadata(self) -> None:
         super()._set_sae_metadata()
+        metadata = self.sae.cfg.metadata
         # SAELens's runner records only the input hook; Transcoder loading needs both.
-        self.sae.cfg.metadata.hook_name_out = self.cfg.sae.hook_name_out
+        metadata.hook_name_out = self.cfg.sae.hook_name_out
+        # SAELens's config adds center_writing_weights=False to every HookedTransformer's
+        # kwargs; recorded, it makes each load of the transcoder warn about loading kwargs.
+        kwargs = dict(metadata.model_from_pretrained_kwargs or {})
+        if kwargs.get("center_writing_weights") is False:
+            del kwargs["center_writing_weights"]
+        metadata.model_from_pretrained_kwargs = kwargs or None
 
     def save_checkpoint(self, checkpoint_path: Path | None) -> None:
         # Called last by SAETrainer.save_checkpoint, after weights and trainer state.
+        if checkpoint_path is None:
+            return
         super().save_checkpoint(checkpoint_path)
-        if checkpoint_path is not None:
-            marker = Path(checkpoint_path) / CHECKPOINT_COMPLETE_FILENAME
-            tmp = marker.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"complete": True}))
-            os.replace(tmp, marker)
-
-    def run_trainer_with_interruption_handling(
-        self, trainer: SAETrainer[TrainingSAE[TrainingSAEConfig], TrainingSAEConfig]
-    ) -> TrainingSAE[Any]:
-        # SAELens's handler saves only the dataset position on SIGINT/SIGTERM (no weights,
-        # optimizer or scaler), which cannot be resumed; save a full checkpoint instead.
-        try:
-            signal.signal(signal.SIGINT, interrupt_callback)
-            signal.signal(signal.SIGTERM, interrupt_callback)
-            return trainer.fit()
-        except (KeyboardInterrupt, InterruptedException):
-            if self.cfg.checkpoint_path is not None:
-                logger.warning("interrupted: saving a resumable checkpoint")
-                trainer.save_checkpoint(checkpoint_name=str(trainer.n_training_samples))
-            raise
+        assert self.data_position is not None and self.trainer is not None
+        self.activations_store.save_stream_state(self.data_position.state, checkpoint_path)
+        scale = self.trainer.activation_scaler.scaling_factor
+        if scale is not None:
+            write_inference_view(self.sae, scale, Path(checkpoint_path))
+        marker = Path(checkpoint_path) / CHECKPOINT_COMPLETE_FILENAME
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"complete": True}))
+        os.replace(tmp, marker)
 
     def save_final_sae(
         self,
@@ -220,6 +237,15 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         output_path: str,
         log_feature_sparsity: Any = None,
     ) -> None:
+        # A directory may have appeared at output_path while training ran.
+        check_output_path(output_path, self.overwrite_output)
+        # Loaders refuse what a newer plugin wrote; record which one this is.
+        sae.cfg.metadata[PLUGIN_VERSION_KEY] = __version__
         # A crash never leaves a half-written transcoder where SAE.load_from_disk would read it.
         save = super().save_final_sae
-        replace_dir_atomically(Path(output_path), lambda partial: save(sae, str(partial), log_feature_sparsity))
+        try:
+            replace_dir_atomically(Path(output_path), lambda partial: save(sae, str(partial), log_feature_sparsity))
+        except OSError as e:
+            raise OSError(
+                e.errno, f"could not save the transcoder to {output_path!r} ({e.strerror or e}); nothing there was changed"
+            ) from e

@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -12,8 +11,6 @@ from typing import Any
 import pytest
 import torch
 from sae_lens import SAE, LanguageModelSAERunnerConfig, Transcoder
-from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
-from sae_lens.training._interruption import InterruptedException
 from transformer_lens import HookedTransformer
 
 from sae_lens_transcoder import TrainingTranscoder, TrainingTranscoderConfig, TranscoderTrainingRunner
@@ -95,53 +92,6 @@ def test_scaling_factor_folds_exactly_into_saved_weights(tmp_path: Path) -> None
     assert isinstance(loaded, Transcoder)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x) * scale, scaled_out, rtol=1e-5, atol=1e-5)
-
-
-class _InterruptAfter(TrainingTranscoder):
-    """Sends the process SIGINT after a few steps, like a pre-empted job."""
-
-    steps_before_interrupt = 6
-
-    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        if step_input.n_training_steps == self.steps_before_interrupt:
-            os.kill(os.getpid(), signal.SIGINT)
-        return super().training_forward_pass(step_input)
-
-
-class _RecordingRunner(TranscoderTrainingRunner):
-    def run_trainer_with_interruption_handling(self, trainer: Any) -> Any:
-        self.started_at = (trainer.n_training_samples, trainer.n_training_steps, self.activations_store.n_dataset_processed)
-        return super().run_trainer_with_interruption_handling(trainer)
-
-
-def test_sigint_writes_a_checkpoint_that_resumes_at_the_same_step_and_data_position(
-    make_runner_config: MakeConfig, gpt2_model: HookedTransformer, token_dataset: Any, tmp_path: Path
-) -> None:
-    cfg = make_runner_config(checkpoint_path=str(tmp_path / "ckpt"), output_path=str(tmp_path / "out"))
-    interrupted = TranscoderTrainingRunner(
-        cfg, override_model=gpt2_model, override_dataset=token_dataset,
-        override_sae=_InterruptAfter(cfg.sae),
-    )
-    with pytest.raises((InterruptedException, KeyboardInterrupt)):
-        interrupted.run()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    (checkpoint,) = Path(cfg.checkpoint_path).iterdir()  # type: ignore[arg-type]
-    assert int(checkpoint.name) == 7 * cfg.train_batch_size_tokens
-    assert (checkpoint / CHECKPOINT_COMPLETE_FILENAME).is_file()
-    saved_weights = SAE.load_from_disk(checkpoint)  # the weights at interruption
-    n_dataset_processed = interrupted.activations_store.n_dataset_processed
-
-    resumed_cfg = make_runner_config(
-        checkpoint_path=str(tmp_path / "ckpt2"), output_path=str(tmp_path / "out"), resume_from_checkpoint=str(checkpoint)
-    )
-    resumed = _RecordingRunner(resumed_cfg, override_model=gpt2_model, override_dataset=token_dataset)
-    sae = resumed.run()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    # SAETrainer counts the interrupted batch's samples before its step finishes: 7
-    # batches counted, 6 optimiser steps taken. Resume continues from exactly that state.
-    assert resumed.started_at == (7 * cfg.train_batch_size_tokens, 6, n_dataset_processed)
-    assert not torch.equal(sae.W_enc, saved_weights.W_enc)  # it went on training from there
-    assert (tmp_path / "out" / "cfg.json").is_file()
 
 
 def test_half_written_checkpoint_is_refused(make_runner_config: MakeConfig, tmp_path: Path) -> None:

@@ -7,13 +7,18 @@ Inference uses SAELens's own ``Transcoder``, so saved files load without this pl
 """
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
+
 import torch
 from torch import nn
 from typing_extensions import override
 
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+from safetensors.torch import load_file
+
+from sae_lens_transcoder.training.checkpoint_view import training_weights_file
 
 ARCHITECTURE = "transcoder"
 SUPPORTED_NORMALIZATIONS = ("none", "expected_average_only_in")
@@ -153,6 +158,14 @@ class TrainingTranscoder(StandardTrainingSAE):
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
+
+    @override
+    def load_weights_from_checkpoint(self, checkpoint_path: Path | str) -> None:
+        # A checkpoint trained with a scale holds the folded transcoder for inference and
+        # the trainer's unfolded weights beside it; resuming needs the latter.
+        state_dict = load_file(training_weights_file(Path(checkpoint_path)))
+        self.process_state_dict_for_loading(state_dict)
+        self.load_state_dict(state_dict)
 
 
 def _mark_b_dec_given(module: nn.Module, incompatible_keys: Any) -> None:  # noqa: ARG001

@@ -1,16 +1,30 @@
 """Activation store yielding token-aligned ``[mlp_in | mlp_out]`` batches."""
 
+import logging
 from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
 from sae_lens.config import HfDataset, LanguageModelSAERunnerConfig
 from sae_lens.training.activations_store import ActivationsStore
 from sae_lens.util import get_special_token_ids
+from safetensors.torch import load_file, save_file
 from transformer_lens.hook_points import HookedRootModule
 
+from sae_lens_transcoder._sae_lens_privates import multi_hook_names
 from sae_lens_transcoder.data import resolve_dataset_path
 from sae_lens_transcoder.saes.transcoder import TrainingTranscoderConfig
+from sae_lens_transcoder.training.shuffle_buffer import ShuffleBuffer, StreamState
+
+logger = logging.getLogger(__name__)
+
+STREAM_STATE_FILENAME = "stream_state.safetensors"
+
+
+class NonFiniteActivationsError(ValueError):
+    """The model produced NaN or inf activations at a transcoder's hook."""
 
 
 def special_token_ids(
@@ -24,11 +38,16 @@ def special_token_ids(
 
 
 class TranscoderActivationsStore(ActivationsStore):
-    """SAELens's multi-hook store (one forward pass, one shared shuffle) packed for the trainer.
+    """SAELens's multi-hook store (one forward pass for all hooks) packed for the trainer.
 
-    Being a plain ``ActivationsStore`` iterator of tensors, it plugs into the stock
-    runner's prefetching, checkpointing (dataset position) and resume unchanged.
+    Batches are ``[mlp_in | mlp_out]`` rows shuffled together by a :class:`ShuffleBuffer`,
+    whose state travels with every batch so a checkpoint records exactly the data position
+    the trainer reached (also when a prefetch thread runs ahead).
     """
+
+    shuffle_seed: int = 42
+    _dataset_name: str = ""
+    last_state: StreamState | None = None
 
     @classmethod
     def from_runner_config(
@@ -71,15 +90,86 @@ class TranscoderActivationsStore(ActivationsStore):
             **store_kwargs,
         )
         assert isinstance(store, cls)
+        store.shuffle_seed = cfg.seed
+        store._dataset_name = cfg.dataset_path
         return store
 
     @property
     def hook_name_out(self) -> str:
-        assert self._hook_names is not None
-        return self._hook_names[1]
+        return multi_hook_names(self)[1]
+
+    def _draw_tokens(self) -> torch.Tensor:
+        """One LLM batch of token sequences, starting a new epoch at the dataset's end as
+        SAELens's multi-hook loader does (an epoch's incomplete last batch is dropped)."""
+        try:
+            return self.get_batch_tokens(raise_at_epoch_end=True)
+        except StopIteration:
+            logger.info("the training dataset is exhausted; starting a new epoch")
+            try:
+                return self.get_batch_tokens()
+            except StopIteration:
+                raise ValueError(
+                    f"dataset_path={self._dataset_name!r} yields no {self.context_size}-token "
+                    "sequence: it is empty or too short. Use a larger dataset or a smaller context_size."
+                ) from None
+
+    def _packed_llm_batch(self) -> torch.Tensor:
+        """``[mlp_in | mlp_out]`` rows of one LLM batch, special tokens dropped."""
+        tokens = self._draw_tokens()
+        activations = self.get_multi_hook_activations(tokens)
+        hooks = multi_hook_names(self)
+        for hook in hooks:
+            if not torch.isfinite(activations[hook]).all():
+                raise NonFiniteActivationsError(
+                    f"the model produced non-finite (NaN/inf) activations at {hook} in LLM batch "
+                    f"{self.n_llm_batches_drawn + 1}; the transcoder would train to garbage. Check the "
+                    "model's weights and dtype (fp16 overflow?); the last complete checkpoint is kept."
+                )
+        packed = torch.cat([activations[h] for h in hooks], dim=-1)
+        packed = packed.to(self.device).reshape(-1, packed.shape[-1])
+        if self.exclude_special_tokens is not None:
+            token_ids = tokens[:, slice(*self.seqpos_slice)].reshape(-1).to(self.device)
+            packed = packed[~torch.isin(token_ids, self.exclude_special_tokens)]
+        return packed
+
+    @property
+    def n_llm_batches_drawn(self) -> int:
+        return self.shuffle_buffer.n_source_batches
+
+    @cached_property
+    def shuffle_buffer(self) -> ShuffleBuffer:
+        return ShuffleBuffer(
+            self._packed_llm_batch,
+            buffer_size=self.n_batches_in_buffer * self.training_context_size,
+            batch_size=self.train_batch_size_tokens,
+            mix_fraction=self.activations_mixing_fraction,
+            seed=self.shuffle_seed,
+        )
+
+    def batches_with_state(self) -> Iterator[tuple[torch.Tensor, StreamState]]:
+        """Packed training batches, each with the stream state right after it."""
+        return iter(self.shuffle_buffer)
 
     def get_data_loader(self) -> Iterator[torch.Tensor]:
-        # The trainer takes one tensor per step; pack input and target side by side.
-        hook_in, hook_out = self.hook_name, self.hook_name_out
-        for batch in self.get_multi_hook_data_loader():
-            yield torch.cat([batch[hook_in], batch[hook_out]], dim=-1)
+        # The trainer takes one tensor per step; input and target side by side.
+        for batch, state in self.batches_with_state():
+            self.last_state = state
+            yield batch
+
+    def restore_stream(self, state: StreamState) -> None:
+        """Continue exactly where ``state`` was taken: token position, buffer, shuffle RNG."""
+        if self.n_llm_batches_drawn:
+            raise RuntimeError("restore_stream must be called before any batch is drawn.")
+        self.shuffle_buffer.restore(state, skip_source_batch=self._draw_tokens)
+
+    def save_stream_state(self, state: StreamState, checkpoint_path: str | Path) -> None:
+        save_file(state.to_tensors(), Path(checkpoint_path) / STREAM_STATE_FILENAME)
+
+    def load_stream_state(self, checkpoint_path: str | Path) -> StreamState:
+        path = Path(checkpoint_path) / STREAM_STATE_FILENAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: the checkpoint was not written by this plugin's runner, so "
+                "its data position cannot be restored. Resume from a checkpoint of this run."
+            )
+        return StreamState.from_tensors(load_file(path))

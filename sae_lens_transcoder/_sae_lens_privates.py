@@ -1,0 +1,57 @@
+"""Every private SAELens name this plugin relies on, in one place, checked at import.
+
+SAELens lacks public seams for these; if a release moves one, importing the plugin fails
+here with the SAELens version and the name, instead of deep inside a training run.
+"""
+
+from collections.abc import Iterator
+
+import sae_lens
+import torch
+from sae_lens import llm_sae_training_runner
+from sae_lens.llm_sae_training_runner import LanguageModelSAETrainingRunner
+from sae_lens.training.activations_store import ActivationsStore
+from sae_lens.training.sae_trainer import SAETrainer
+
+REQUIRED: dict[str, tuple[object, str]] = {
+    # CLI flag parser with the architecture subgroups (no public parser exists).
+    "llm_sae_training_runner._parse_cfg_args": (llm_sae_training_runner, "_parse_cfg_args"),
+    # The runner's metadata writer, extended with the output hook.
+    "LanguageModelSAETrainingRunner._set_sae_metadata": (LanguageModelSAETrainingRunner, "_set_sae_metadata"),
+    # Token batches with SAELens's epoch handling, drawn again to fast-forward on resume.
+    "ActivationsStore._iterate_tokenized_sequences": (ActivationsStore, "_iterate_tokenized_sequences"),
+    # The progress bar update, which SAELens only runs every 100 steps (overridden).
+    "SAETrainer._update_pbar": (SAETrainer, "_update_pbar"),
+}
+
+
+def check_sae_lens_privates() -> None:
+    """Fail with a clear message if SAELens moved a private name we use."""
+    missing = [name for name, (owner, attr) in REQUIRED.items() if not hasattr(owner, attr)]
+    if missing:
+        raise ImportError(
+            f"sae-lens-transcoder needs SAELens internals that sae-lens {sae_lens.__version__} "
+            f"does not have: {', '.join(missing)}. Install a supported sae-lens (6.54.x)."
+        )
+
+
+check_sae_lens_privates()
+
+from sae_lens.llm_sae_training_runner import _parse_cfg_args  # noqa: E402
+from sae_lens.training._interruption import InterruptedException  # noqa: E402
+
+parse_cfg_args = _parse_cfg_args
+__all__ = ["InterruptedException", "parse_cfg_args"]
+
+
+def multi_hook_names(store: ActivationsStore) -> list[str]:
+    """The hooks of a store built by ``from_config_multi_hook`` (kept in a private field)."""
+    names = getattr(store, "_hook_names", None)
+    if names is None:
+        raise RuntimeError("the activation store was not built with from_config_multi_hook.")
+    return list(names)
+
+
+def fresh_token_sequences(store: ActivationsStore) -> Iterator[torch.Tensor]:
+    """A new iterator over the store's context-size token sequences, from the dataset's start."""
+    return store._iterate_tokenized_sequences()

@@ -1,0 +1,34 @@
+"""Checkpoints that load as what they claim, in plain SAELens, while staying resumable.
+
+With ``normalize_activations: expected_average_only_in`` the trainer's weights work on
+scaled activations and the scale lives in ``activation_scaler.json``, which
+``SAE.load_from_disk`` ignores: such a checkpoint would load as a transcoder computing the
+wrong function. Only the final save folds the scale in. Here every checkpoint gets the
+folded transcoder as its ``cfg.json`` / ``sae_weights.safetensors``, and the trainer's own
+weights move beside it (folding is not exactly invertible, so resume needs the originals).
+"""
+
+import copy
+import os
+from pathlib import Path
+
+from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from sae_lens.saes.sae import TrainingSAE
+
+TRAINING_WEIGHTS_FILENAME = "training_sae_weights.safetensors"
+TRAINING_CFG_FILENAME = "training_cfg.json"
+
+
+def write_inference_view(sae: TrainingSAE, scale: float, checkpoint: Path) -> None:  # type: ignore[type-arg]
+    """Keep the trainer's files under training names; write the folded transcoder in their place."""
+    os.replace(checkpoint / SAE_WEIGHTS_FILENAME, checkpoint / TRAINING_WEIGHTS_FILENAME)
+    os.replace(checkpoint / SAE_CFG_FILENAME, checkpoint / TRAINING_CFG_FILENAME)
+    folded = copy.deepcopy(sae)
+    folded.fold_activation_norm_scaling_factor(scale)
+    folded.save_inference_model(checkpoint)
+
+
+def training_weights_file(checkpoint: Path) -> Path:
+    """The weights a resumed trainer must load from ``checkpoint``."""
+    kept = checkpoint / TRAINING_WEIGHTS_FILENAME
+    return kept if kept.is_file() else checkpoint / SAE_WEIGHTS_FILENAME
