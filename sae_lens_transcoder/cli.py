@@ -24,6 +24,8 @@ from sae_lens_transcoder.llm_transcoder_training_runner import TranscoderTrainin
 from sae_lens_transcoder.loading import load_model_for, load_transcoder
 from sae_lens_transcoder.plots import plot_feature_density
 from sae_lens_transcoder.report import format_table, heldout_tokens, load_heldout_split
+from sae_lens_transcoder.splicing import as_splices
+from sae_lens_transcoder.validation import check_number, check_splices_fit_model, exit_on_bad_input
 from sae_lens_transcoder.training.activations_store import NonFiniteActivationsError
 from sae_lens_transcoder.training.trainer import NonFiniteLossError, TrainingInterrupted
 
@@ -51,19 +53,24 @@ def train(argv: Sequence[str]) -> dict[str, Any]:
     parser.add_argument("--config", help="YAML/JSON runner config (LanguageModelSAERunnerConfig.from_dict format)")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens for the final table (0: skip)")
     parser.add_argument("--json", help="write the final metrics here")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output_path even if it holds other files")
     parser.add_argument("--help-sae-lens", action="store_true", help="list SAELens's flags")
     ours, sae_lens_args = parser.parse_known_args(argv)
     if ours.help_sae_lens:
         runner_config_from_args(["--architecture", "transcoder", "--help"])
-    cfg = runner_config_from_args(sae_lens_args, config_file=ours.config)
-    start = time.perf_counter()
-    runner = TranscoderTrainingRunner(cfg)
+    with exit_on_bad_input("train"):
+        check_number("--eval-tokens", ours.eval_tokens, integer=True, minimum=0, hint=" (0 skips the evaluation)")
+        cfg = runner_config_from_args(sae_lens_args, config_file=ours.config)
+        start = time.perf_counter()
+        runner = TranscoderTrainingRunner(cfg, overwrite_output=ours.overwrite)
     try:
         sae = runner.run()
     except TrainingInterrupted as stop:
         print(f"sae-lens-transcoder train: {stop}", file=sys.stderr)
         raise SystemExit(128 + (stop.signal_number or 0)) from None
     except (NonFiniteLossError, NonFiniteActivationsError) as error:
+        raise SystemExit(f"sae-lens-transcoder train: {error}") from None
+    except OSError as error:  # e.g. a full disk at the final save, which leaves output_path as it was
         raise SystemExit(f"sae-lens-transcoder train: {error}") from None
     wall = time.perf_counter() - start
     summary: dict[str, Any] = {
@@ -109,16 +116,22 @@ def evaluate(argv: Sequence[str]) -> dict[str, Any]:
     parser.add_argument("--json", help="write all metrics here")
     parser.add_argument("--plots", help="directory for feature-density histograms")
     args = parser.parse_args(argv)
-    transcoders = [load_transcoder(p, args.device) for p in args.paths]
-    meta = transcoders[0].cfg.metadata
-    model_name = args.model or meta.model_name
-    dataset_path = args.dataset or meta.dataset_path
-    if not model_name or not dataset_path:
-        raise SystemExit("give --model and --dataset (the transcoder's metadata names neither)")
-    model = load_model_for(model_name, meta, args.device)
-    context = args.context_size or meta.context_size or 128
-    prepend_bos = meta.prepend_bos if meta.prepend_bos is not None else True
-    tokens = heldout_tokens(model, load_heldout_split(dataset_path, args.split), context, args.n_tokens, prepend_bos)
+    with exit_on_bad_input("evaluate"):
+        check_number("--n-tokens", args.n_tokens, integer=True, minimum=1)
+        check_number("--context-size", args.context_size, integer=True, minimum=1, optional=True)
+        transcoders = [load_transcoder(p, args.device) for p in args.paths]
+        meta = transcoders[0].cfg.metadata
+        model_name = args.model or meta.model_name
+        dataset_path = args.dataset or meta.dataset_path
+        if not model_name or not dataset_path:
+            raise ValueError("give --model and --dataset (the transcoder's metadata lacks model_name or dataset_path)")
+        model = load_model_for(model_name, meta, args.device)
+        check_splices_fit_model(model, as_splices(transcoders), model_name, labels=args.paths)
+        context = args.context_size or meta.context_size or 128
+        if context > model.cfg.n_ctx:
+            raise ValueError(f"context size {context} is longer than {model_name!r}'s n_ctx={model.cfg.n_ctx}: pass --context-size {model.cfg.n_ctx}")
+        prepend_bos = meta.prepend_bos if meta.prepend_bos is not None else True
+        tokens = heldout_tokens(model, load_heldout_split(dataset_path, args.split), context, args.n_tokens, prepend_bos)
     exclude = None if args.keep_special_tokens else get_special_token_ids(model.tokenizer)  # type: ignore[arg-type]
     rows: list[dict[str, Any]] = []
     for path, tc in zip(args.paths, transcoders):
@@ -152,19 +165,17 @@ def export(argv: Sequence[str]) -> Path:
     parser.add_argument("--n-layers", type=int, help="the model's layer count: require a transcoder for every layer")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
-    transcoders = [load_transcoder(p) for p in args.paths]
-    model_name = args.model_name
-    if not model_name:
-        names = {tc.cfg.metadata.model_name for tc in transcoders}
-        if len(names) != 1 or None in names:
-            raise SystemExit(f"give --model-name (the transcoders' metadata.model_name is {sorted(map(str, names))})")
-        (model_name,) = names
-    try:
+    with exit_on_bad_input("export"):
+        transcoders = [load_transcoder(p) for p in args.paths]
+        model_name = args.model_name
+        if not model_name:
+            names = {tc.cfg.metadata.model_name for tc in transcoders}
+            if len(names) != 1 or None in names:
+                raise ValueError(f"give --model-name (the transcoders' metadata.model_name is {sorted(map(str, names))})")
+            (model_name,) = names
         out = export_circuit_tracer(
             transcoders, args.out, model_name, n_layers=args.n_layers, overwrite=args.overwrite
         )
-    except (ValueError, FileExistsError) as e:
-        raise SystemExit(f"sae-lens-transcoder export: {e}") from e
     print(f"wrote {len(transcoders)} transcoders for {model_name} in circuit-tracer format to {out}")
     return out
 

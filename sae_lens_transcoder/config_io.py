@@ -15,6 +15,8 @@ from sae_lens.config import LanguageModelSAERunnerConfig, LoggingConfig
 from sae_lens.llm_sae_training_runner import _parse_cfg_args
 from sae_lens.registry import get_sae_training_class
 
+from sae_lens_transcoder.validation import check_number_fields
+
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """A runner config dict (``LanguageModelSAERunnerConfig.from_dict`` format) from YAML/JSON."""
@@ -22,14 +24,23 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: no such file.")
     text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    is_json = path.suffix == ".json"
+    try:
+        data = json.loads(text) if is_json else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"--config {path}: not valid {'JSON' if is_json else 'YAML'} ({e}).") from e
     if not isinstance(data, dict) or not isinstance(data.get("sae"), dict):
         raise ValueError(f"{path}: expected a mapping with an 'sae' section (architecture, d_in, ...).")
     return data
 
 
 def runner_config_from_dict(data: dict[str, Any]) -> LanguageModelSAERunnerConfig[Any]:
-    """``from_dict`` that also accepts a missing or partial ``logger`` section."""
+    """``from_dict`` that also accepts a missing or partial ``logger`` section.
+
+    Numbers are checked first: SAELens's ``__post_init__`` does arithmetic on some of them,
+    so a quoted YAML value would fail there as a bare TypeError.
+    """
+    check_number_fields(data)
     return LanguageModelSAERunnerConfig.from_dict({**data, "logger": dict(data.get("logger") or {})})
 
 

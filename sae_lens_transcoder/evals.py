@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from sae_lens.saes.sae import SAE
 from transformer_lens import HookedTransformer
 
-from sae_lens_transcoder.hooks import ensure_mlp_hook_in
 from sae_lens_transcoder.splicing import Splice, ablated, as_splices, spliced
+from sae_lens_transcoder.validation import check_splices_fit_model
 
 DENSE_FEATURE_FREQUENCY = 0.1
 
@@ -114,7 +114,7 @@ def evaluate_spliced(
     n_positions = 0
     hooks = sorted({h for s in splices for h in (s.hook_name, s.hook_name_out)})
     outs = [s.hook_name_out for s in splices]
-    ensure_mlp_hook_in(model)
+    check_splices_fit_model(model, splices)
     for batch in _batches(tokens, batch_size):
         batch = batch.to(model.cfg.device)
         clean_logits, cache = model.run_with_cache(batch, names_filter=hooks)

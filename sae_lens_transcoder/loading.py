@@ -4,19 +4,35 @@ from pathlib import Path
 from typing import Any
 
 from sae_lens import SAE
+from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+from sae_lens.saes.transcoder import Transcoder
 from transformer_lens import HookedTransformer
 
 from sae_lens_transcoder.llm_transcoder_training_runner import is_offline_model, load_offline_model
+from sae_lens_transcoder.validation import check_transcoder_dir
 
 
 def load_transcoder(spec: str, device: str = "cpu") -> SAE[Any]:
-    """A local SAELens-format directory, or ``release/sae_id`` for ``SAE.from_pretrained``."""
-    if Path(spec).is_dir():
-        return SAE.load_from_disk(spec, device=device)
+    """A local SAELens-format directory, or ``release/sae_id`` for ``SAE.from_pretrained``.
+
+    A path that exists is read as a directory and checked first, so a bad file is named
+    instead of surfacing as a JSON, safetensors or tensor-shape error from inside SAELens.
+    """
+    path = Path(spec).expanduser()
+    if path.exists():
+        check_transcoder_dir(path, spec)
+        return SAE.load_from_disk(path, device=device)
     release, _, sae_id = spec.partition("/")
-    if not sae_id:
-        raise ValueError(f"{spec!r} is neither a directory nor 'release/sae_id'.")
-    return SAE.from_pretrained(release, sae_id, device=device)
+    if not sae_id or release not in get_pretrained_saes_directory():
+        raise FileNotFoundError(
+            f"{spec!r} does not exist, and is not 'release/sae_id' of a release in SAELens's "
+            "pretrained SAEs directory: give a transcoder directory (cfg.json + sae_weights.safetensors, "
+            "as train --output_path writes) or a SAELens release/sae_id."
+        )
+    sae = SAE.from_pretrained(release, sae_id, device=device)
+    if not isinstance(sae, Transcoder):
+        raise ValueError(f"{spec!r} is a {sae.cfg.architecture()!r} SAE, not a transcoder.")
+    return sae
 
 
 def load_model_for(name: str, metadata: Any, device: str) -> HookedTransformer:

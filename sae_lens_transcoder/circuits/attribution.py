@@ -9,7 +9,7 @@ rounding). Features and heads are themselves affine in earlier residual streams,
 parent: recursing keeps every number in the root's units.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -39,11 +39,19 @@ def target_value(trace: Trace, target: Target) -> float:
     return float(target.direction @ trace.residual(target.site)[target.pos] + target.constant)
 
 
+def check_feature(d_sae_by_layer: Mapping[int, int], layer: int, feature: int) -> None:
+    """Feature ``feature`` of the transcoder at ``layer`` exists (else an IndexError deep in the graph)."""
+    if layer not in d_sae_by_layer:
+        raise ValueError(f"layer={layer}: no transcoder replaces that MLP (have {sorted(d_sae_by_layer)}).")
+    d_sae = d_sae_by_layer[layer]
+    if not 0 <= feature < d_sae:
+        raise ValueError(f"feature={feature} is not one of the {d_sae} features (0..{d_sae - 1}) of layer {layer}'s transcoder.")
+
+
 @torch.no_grad()
 def feature_target(trace: Trace, layer: int, feature: int, pos: int) -> Target:
     """The pre-activation of transcoder feature ``feature`` of MLP ``layer`` at token ``pos``."""
-    if layer not in trace.splices:
-        raise ValueError(f"layer={layer}: no transcoder replaces that MLP (have {sorted(trace.splices)}).")
+    check_feature({at: s.transcoder.cfg.d_sae for at, s in trace.splices.items()}, layer, feature)
     norm = trace.input_norms[layer]
     direction, constant = norm.pull_back(trace.encoders[layer][:, feature], trace.scale(norm, pos))
     b_enc = trace.splices[layer].transcoder.b_enc[feature].to(direction.dtype)

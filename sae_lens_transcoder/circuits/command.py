@@ -12,9 +12,11 @@ from sae_lens_transcoder.circuits.graph import build_graph, prune
 from sae_lens_transcoder.circuits.graph_json import save_graph_json
 from sae_lens_transcoder.circuits.graph_plot import format_paths, save_graph_html, save_graph_png
 from sae_lens_transcoder.circuits.paths import find_paths
-from sae_lens_transcoder.circuits.targets import resolve_target
+from sae_lens_transcoder.circuits.targets import check_feature_flags, resolve_target
 from sae_lens_transcoder.circuits.trace import trace_prompt
 from sae_lens_transcoder.loading import load_model_for, load_transcoder
+from sae_lens_transcoder.splicing import as_splices
+from sae_lens_transcoder.validation import check_splices_fit_model, exit_on_bad_input
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,17 +47,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def attribute(argv: Sequence[str]) -> dict[str, Any]:
     args = _parser().parse_args(argv)
-    try:
+    with exit_on_bad_input("attribute"):
         transcoders = [load_transcoder(p, args.device) for p in args.transcoders]
+        splices = as_splices(transcoders)
+        check_feature_flags(args.target, args.layer, args.feature, {s.layer: s.transcoder.cfg.d_sae for s in splices})
         meta = transcoders[0].cfg.metadata
         model_name = args.model or meta.model_name
         if not model_name:
             raise ValueError("give --model (the transcoders' metadata names no model)")
         model = load_model_for(model_name, meta, args.device)
+        check_splices_fit_model(model, splices, model_name, labels=args.transcoders)
         trace = trace_prompt(model, transcoders, args.prompt)
         root, label = resolve_target(trace, args.target, args.pos, args.token, args.versus, args.layer, args.feature)
-    except ValueError as e:
-        raise SystemExit(f"sae-lens-transcoder attribute: {e}") from e
     tokens = trace.str_tokens()
     paths = find_paths(trace, root, args.num_iters, args.num_branches)
     graph = prune(build_graph(trace, root, args.max_expansions), args.node_threshold, args.edge_threshold)

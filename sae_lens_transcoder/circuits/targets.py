@@ -1,6 +1,8 @@
 """Turn a command-line description of what to explain into a ``Target``."""
 
-from sae_lens_transcoder.circuits.attribution import Target, feature_target, logit_target
+from collections.abc import Mapping
+
+from sae_lens_transcoder.circuits.attribution import Target, check_feature, feature_target, logit_target
 from sae_lens_transcoder.circuits.trace import Trace
 
 
@@ -9,6 +11,15 @@ def _token_id(trace: Trace, token: str, flag: str) -> int:
         return int(trace.model.to_single_token(token))
     except AssertionError as e:
         raise ValueError(f"{flag}={token!r} is not a single token of {trace.model.cfg.model_name}; quote a leading space if needed.") from e
+
+
+def check_feature_flags(kind: str, layer: int | None, feature: int | None, d_sae_by_layer: Mapping[int, int]) -> None:
+    """What a feature target needs, checkable from the transcoders alone (before any model loads)."""
+    if kind != "feature":
+        return
+    if layer is None or feature is None:
+        raise ValueError("a feature target needs layer and feature (--layer L --feature I).")
+    check_feature(d_sae_by_layer, layer, feature)
 
 
 def resolve_target(
@@ -28,8 +39,8 @@ def resolve_target(
         raise ValueError(f"pos={pos} is outside the prompt's {trace.n_pos} tokens.")
     pos %= trace.n_pos
     if kind == "feature":
-        if layer is None or feature is None:
-            raise ValueError("a feature target needs layer and feature (--layer L --feature I).")
+        check_feature_flags(kind, layer, feature, {at: s.transcoder.cfg.d_sae for at, s in trace.splices.items()})
+        assert layer is not None and feature is not None
         return feature_target(trace, layer, feature, pos), f"L{layer} feature {feature}"
     if kind != "logit":
         raise ValueError(f"target kind={kind!r}: use 'logit' or 'feature'.")

@@ -17,6 +17,7 @@ from transformer_lens import ActivationCache, HookedTransformer
 from sae_lens_transcoder.circuits.norms import FrozenNorm, frozen_norm
 from sae_lens_transcoder.hooks import ensure_mlp_hook_in, hook_layer, mlp_out_hook
 from sae_lens_transcoder.splicing import Splice, as_splices
+from sae_lens_transcoder.validation import check_splices_fit_model
 
 SITE_KINDS = ("attn", "mlp", "final")
 _CHECK_RTOL = 1e-3
@@ -182,10 +183,15 @@ def trace_prompt(
     if model.cfg.use_normalization_before_and_after:
         raise ValueError("circuits do not support models with post-attention/post-MLP norms (Gemma 2/3) yet.")
     if isinstance(tokens, str):
-        tokens = model.to_tokens(tokens)[0]
+        tokens = model.to_tokens(tokens, truncate=False)[0]  # not cut to n_ctx: checked below
     tokens = tokens.to(model.cfg.device)
     if tokens.dim() != 1:
         raise ValueError(f"tokens must be one prompt (1-D), got shape {tuple(tokens.shape)}")
+    if tokens.shape[0] > model.cfg.n_ctx:
+        raise ValueError(
+            f"the prompt is {tokens.shape[0]} tokens, longer than the model's context "
+            f"(n_ctx={model.cfg.n_ctx}): shorten it."
+        )
     splices: dict[int, Splice] = {}
     for splice in as_splices(transcoders):
         layer = hook_layer(splice.hook_name_out, "hook_name_out")
@@ -195,6 +201,7 @@ def trace_prompt(
             raise ValueError(f"two transcoders replace MLP {layer}: pass one per layer.")
         splices[layer] = splice
     ensure_mlp_hook_in(model)
+    check_splices_fit_model(model, list(splices.values()))
     names = _cached_names(model, splices)
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n in names)
