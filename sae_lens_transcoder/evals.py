@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from sae_lens.saes.sae import SAE
 from transformer_lens import HookedTransformer
 
-from sae_lens_transcoder.splicing import Splice, ablated, as_splices, spliced
+from sae_lens_transcoder.replacement import PerLayerTranscoders, as_replacement_set
+from sae_lens_transcoder.splicing import Splice, ablated, spliced
 from sae_lens_transcoder.validation import check_splices_fit_model
 
 DENSE_FEATURE_FREQUENCY = 0.1
@@ -84,6 +85,11 @@ def _mask(tokens: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
     return ~torch.isin(tokens, exclude.to(tokens.device))
 
 
+def _kept(activations: torch.Tensor, flat_keep: torch.Tensor) -> torch.Tensor:
+    """``[batch, pos, d]`` activations at the kept positions, as ``[n_kept, d]``."""
+    return activations.reshape(-1, activations.shape[-1])[flat_keep]
+
+
 def _batches(tokens: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> Iterable[torch.Tensor]:
     if isinstance(tokens, torch.Tensor):
         yield from tokens.split(batch_size)
@@ -94,7 +100,7 @@ def _batches(tokens: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> 
 @torch.no_grad()
 def evaluate_spliced(
     model: HookedTransformer,
-    transcoders: Sequence["SAE | Splice"],  # type: ignore[type-arg]
+    transcoders: PerLayerTranscoders | Sequence["SAE | Splice"],  # type: ignore[type-arg]
     tokens: torch.Tensor | Iterable[torch.Tensor],
     exclude_special_tokens: Sequence[int] | torch.Tensor | None = None,
     batch_size: int = 8,
@@ -107,29 +113,27 @@ def evaluate_spliced(
     with several transcoders they are means over transcoders and per-transcoder values are
     in ``per_transcoder``. ``ce_loss_recovered`` = 1 − (spliced − clean)/(zero − clean).
     """
-    splices = as_splices(transcoders)
+    replacement = as_replacement_set(transcoders)
+    layers = replacement.layers
     exclude = None if exclude_special_tokens is None else torch.as_tensor(exclude_special_tokens)
-    sums = [_ReconstructionSums(s.transcoder.cfg.d_sae) for s in splices]
+    sums = [_ReconstructionSums(replacement.d_sae(layer)) for layer in layers]
     totals = {k: 0.0 for k in ("clean", "spliced", "zero", "mean", "kl")}
     n_positions = 0
-    hooks = sorted({h for s in splices for h in (s.hook_name, s.hook_name_out)})
-    outs = [s.hook_name_out for s in splices]
-    check_splices_fit_model(model, splices)
+    hooks = sorted({h for layer in layers for h in (replacement.hook_in(layer), replacement.hook_out(layer))})
+    outs = [replacement.hook_out(layer) for layer in layers]
+    check_splices_fit_model(model, list(replacement.splices.values()))
     for batch in _batches(tokens, batch_size):
         batch = batch.to(model.cfg.device)
         clean_logits, cache = model.run_with_cache(batch, names_filter=hooks)
         keep = _mask(batch, exclude)
         flat_keep = keep.reshape(-1)
-        for splice, acc in zip(splices, sums):
-            x = cache[splice.hook_name].reshape(-1, cache[splice.hook_name].shape[-1])[flat_keep]
-            y = cache[splice.hook_name_out].reshape(-1, cache[splice.hook_name_out].shape[-1])[flat_keep]
-            y_hat = splice(x)
-            assert splice.last_feature_acts is not None
-            acc.add(y, y_hat, splice.last_feature_acts)
-        means = {
-            h: cache[h].reshape(-1, cache[h].shape[-1])[flat_keep].mean(0) for h in outs
-        }
-        with spliced(model, splices):
+        xs = {layer: _kept(cache[replacement.hook_in(layer)], flat_keep) for layer in layers}
+        acts = {layer: replacement.encode(layer, x) for layer, x in xs.items()}
+        for layer, acc in zip(layers, sums):
+            y = _kept(cache[replacement.hook_out(layer)], flat_keep)
+            acc.add(y, replacement.reconstruct(layer, acts, xs[layer]), acts[layer])
+        means = {h: _kept(cache[h], flat_keep).mean(0) for h in outs}
+        with spliced(model, replacement):
             spliced_logits = model(batch)
         with ablated(model, outs):
             zero_logits = model(batch)
@@ -146,8 +150,8 @@ def evaluate_spliced(
         raise ValueError("evaluate_spliced got no tokens to score (all excluded or empty input).")
     ce = {k: v / n_positions for k, v in totals.items()}
     per_transcoder = [
-        {"hook_name": s.hook_name, "hook_name_out": s.hook_name_out, **acc.metrics()}
-        for s, acc in zip(splices, sums)
+        {"hook_name": replacement.hook_in(layer), "hook_name_out": replacement.hook_out(layer), **acc.metrics()}
+        for layer, acc in zip(layers, sums)
     ]
     result: dict[str, object] = _weighted_mean(per_transcoder)
     result.update(

@@ -3,116 +3,84 @@
 Every evaluation, the training evaluator and the circuit tools go through these
 context managers, so "spliced" means one thing everywhere. They only add
 TransformerLens hooks, which ``model.hooks`` removes on exit, also after an error.
+What the transcoders compute comes from the replacement set alone.
 """
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from sae_lens.saes.sae import SAE
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from sae_lens_transcoder.hooks import ensure_mlp_hook_in, hook_layer, mlp_out_hook
+from sae_lens_transcoder.hooks import ensure_mlp_hook_in
+from sae_lens_transcoder.replacement import PerLayerTranscoders, ReplacementSet, Splice, as_replacement_set, as_splices
 
-
-@dataclass
-class Splice:
-    """A transcoder and the two hooks it connects.
-
-    ``input_scale`` is the training-time activation scaler (inputs and outputs share one
-    scalar, which saving folds into the weights); it is 1 for saved transcoders.
-    ``feature_mask`` keeps only chosen features (partial replacement).
-    """
-
-    transcoder: SAE  # type: ignore[type-arg]
-    hook_name: str
-    hook_name_out: str
-    input_scale: float = 1.0
-    feature_mask: torch.Tensor | None = None
-    last_feature_acts: torch.Tensor | None = field(default=None, repr=False)
-
-    @classmethod
-    def from_sae(cls, sae: SAE, input_scale: float = 1.0) -> "Splice":  # type: ignore[type-arg]
-        meta = sae.cfg.metadata
-        hook_name = meta.hook_name
-        hook_name_out = meta.hook_name_out or getattr(sae.cfg, "hook_name_out", None)
-        if hook_name is None:
-            raise ValueError("transcoder cfg.metadata.hook_name is missing: cannot splice it.")
-        if hook_name_out is None:
-            hook_name_out = mlp_out_hook(hook_layer(hook_name, "metadata.hook_name"))
-        return cls(sae, hook_name, hook_name_out, input_scale=input_scale)
-
-    @property
-    def layer(self) -> int:
-        return hook_layer(self.hook_name_out, "hook_name_out")
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """MLP output predicted from the MLP input; records the feature activations.
-
-        Uses ``forward`` (not ``decode(encode(x))``) so skip connections are kept;
-        the activations come from the SAE's own ``hook_sae_acts_post``.
-        """
-        tc = self.transcoder
-        scaled = x.to(tc.dtype) * self.input_scale
-        captured: list[torch.Tensor] = []
-
-        def capture(acts: torch.Tensor, hook: HookPoint) -> torch.Tensor:  # noqa: ARG001
-            if self.feature_mask is not None:
-                acts = acts * self.feature_mask.to(acts.dtype)
-            captured.append(acts)
-            return acts
-
-        with tc.hooks(fwd_hooks=[("hook_sae_acts_post", capture)]):
-            out = tc(scaled)
-        self.last_feature_acts = captured[0]
-        return (out / self.input_scale).to(x.dtype)
-
-
-def as_splices(transcoders: Sequence["SAE | Splice"]) -> list[Splice]:  # type: ignore[type-arg]
-    return [t if isinstance(t, Splice) else Splice.from_sae(t) for t in transcoders]
-
+__all__ = ["Splice", "ablated", "ablated_features", "as_splices", "keep_only_features", "splice_hooks", "spliced"]
 
 HookFn = Callable[[torch.Tensor, HookPoint], torch.Tensor | None]
+Transcoders = PerLayerTranscoders | Sequence[SAE | Splice]  # type: ignore[type-arg]
+
+
+def _input_readers(
+    replacement: ReplacementSet,
+    layers: Sequence[int],
+    acts: dict[int, torch.Tensor],
+    inputs: dict[int, torch.Tensor] | None = None,
+) -> list[tuple[str, HookFn]]:
+    """Hooks that encode each layer's input as it fires: activations to ``acts``, inputs to ``inputs``."""
+
+    def read(x: torch.Tensor, hook: HookPoint, layer: int) -> None:  # noqa: ARG001
+        if inputs is not None:
+            inputs[layer] = x
+        acts[layer] = replacement.encode(layer, x)
+
+    return [(replacement.hook_in(layer), lambda x, hook, layer=layer: read(x, hook, layer)) for layer in layers]
 
 
 def splice_hooks(
-    splices: Sequence[Splice], use_error_term: bool = False
+    replacement: ReplacementSet,
+    use_error_term: bool = False,
+    record: Callable[[int, torch.Tensor], None] | None = None,
 ) -> list[tuple[str, HookFn]]:
-    """Hooks that read each splice's input and overwrite its output hook.
+    """Hooks that read each layer's input and overwrite its output hook with the reconstruction.
 
-    With ``use_error_term`` the output is the transcoder's plus (real − transcoder),
+    With ``use_error_term`` the output is the reconstruction plus (real − reconstruction),
     so the model's outputs are unchanged while feature activations stay attributable.
+    ``record(layer, acts)`` sees each layer's feature activations.
     """
-    hooks: list[tuple[str, HookFn]] = []
-    for splice in splices:
-        inputs: dict[str, torch.Tensor] = {}
+    acts: dict[int, torch.Tensor] = {}
+    inputs: dict[int, torch.Tensor] = {}
 
-        def read(x: torch.Tensor, hook: HookPoint, inputs=inputs) -> None:  # noqa: ARG001
-            inputs["x"] = x
+    def write(y: torch.Tensor, hook: HookPoint, layer: int) -> torch.Tensor:  # noqa: ARG001
+        if record is not None:
+            record(layer, acts[layer])
+        y_hat = replacement.reconstruct(layer, acts, inputs.pop(layer)).to(y.dtype)
+        if use_error_term:
+            return y_hat + (y - y_hat).detach()
+        return y_hat
 
-        def write(y: torch.Tensor, hook: HookPoint, splice=splice, inputs=inputs) -> torch.Tensor:  # noqa: ARG001
-            y_hat = splice(inputs.pop("x"))
-            if use_error_term:
-                return y_hat + (y - y_hat).detach()
-            return y_hat
-
-        hooks += [(splice.hook_name, read), (splice.hook_name_out, write)]
-    return hooks
+    writers = [(replacement.hook_out(layer), lambda y, hook, layer=layer: write(y, hook, layer)) for layer in replacement.layers]
+    return _input_readers(replacement, replacement.layers, acts, inputs) + writers
 
 
 @contextmanager
 def spliced(
     model: HookedTransformer,
-    transcoders: Sequence["SAE | Splice"],  # type: ignore[type-arg]
+    transcoders: Transcoders,
     use_error_term: bool = False,
 ) -> Iterator[list[Splice]]:
-    """Replace the MLPs the transcoders were trained on, all at once."""
-    splices = as_splices(transcoders)
+    """Replace the MLPs the transcoders were trained on, all at once; each Splice's
+    ``last_feature_acts`` holds its activations of the latest run."""
+    replacement = as_replacement_set(transcoders)
+
+    def record(layer: int, acts: torch.Tensor) -> None:
+        replacement.splices[layer].last_feature_acts = acts
+
     ensure_mlp_hook_in(model)
-    with model.hooks(fwd_hooks=splice_hooks(splices, use_error_term)):
-        yield splices
+    with model.hooks(fwd_hooks=splice_hooks(replacement, use_error_term, record)):
+        yield list(replacement.splices.values())
 
 
 @contextmanager
@@ -155,37 +123,34 @@ def ablated(
 @contextmanager
 def ablated_features(
     model: HookedTransformer,
-    transcoders: Sequence["SAE | Splice"],  # type: ignore[type-arg]
+    transcoders: Transcoders,
     features: Sequence[tuple[int, int, int]],
 ) -> Iterator[list[Splice]]:
     """Remove the writes of chosen features, given as ``(layer, token position, feature)``,
     from the real MLP outputs; everything else (other features, the error term) is kept,
-    so only those features' effect is taken out."""
-    splices = {s.layer: s for s in as_splices(transcoders)}
+    so only those features' effect is taken out. A feature's writes are removed at every
+    output it writes to."""
+    replacement = as_replacement_set(transcoders)
     chosen: dict[int, list[tuple[int, int]]] = {}
     for layer, pos, feature in features:
-        if layer not in splices:
+        if layer not in replacement.layers:
             raise ValueError(f"feature ({layer}, {pos}, {feature}): no transcoder given for layer {layer}.")
         chosen.setdefault(layer, []).append((pos, feature))
-    hooks: list[tuple[str, HookFn]] = []
-    for layer, picks in chosen.items():
-        splice = splices[layer]
-        inputs: dict[str, torch.Tensor] = {}
+    acts: dict[int, torch.Tensor] = {}
 
-        def read(x: torch.Tensor, hook: HookPoint, inputs=inputs) -> None:  # noqa: ARG001
-            inputs["x"] = x
-
-        def remove(y: torch.Tensor, hook: HookPoint, splice=splice, picks=picks, inputs=inputs) -> torch.Tensor:  # noqa: ARG001
-            splice(inputs.pop("x"))
-            acts = splice.last_feature_acts
-            assert acts is not None
-            mask = torch.zeros_like(acts)
-            for pos, feature in picks:
+    def remove(y: torch.Tensor, hook: HookPoint, layer: int) -> torch.Tensor:  # noqa: ARG001
+        for source in replacement.sources(layer):
+            if source not in chosen:
+                continue
+            mask = torch.zeros_like(acts[source])
+            for pos, feature in chosen[source]:
                 mask[:, pos, feature] = 1.0
-            decoder = splice.transcoder.W_dec / splice.input_scale
-            return y - ((acts * mask) @ decoder).to(y.dtype)
+            y = y - ((acts[source] * mask) @ replacement.decoder(source, layer)).to(y.dtype)
+        return y
 
-        hooks += [(splice.hook_name, read), (splice.hook_name_out, remove)]
+    outputs = [layer for layer in replacement.layers if set(replacement.sources(layer)) & set(chosen)]
+    hooks = _input_readers(replacement, sorted(chosen), acts)
+    hooks += [(replacement.hook_out(layer), lambda y, hook, layer=layer: remove(y, hook, layer)) for layer in outputs]
     ensure_mlp_hook_in(model)
     with model.hooks(fwd_hooks=hooks):
-        yield list(splices.values())
+        yield list(replacement.splices.values())

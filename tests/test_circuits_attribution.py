@@ -122,7 +122,7 @@ def _frozen_model_leaves(trace: Trace, detach_values: bool = True) -> Iterator[d
             constant = trace.transcoder_bias[layer] + trace.errors[layer] + trace.skips.get(layer, 0.0)
 
             def mlp_out(x: torch.Tensor, hook: HookPoint, layer: int = layer, constant: torch.Tensor = constant) -> torch.Tensor:
-                return (leaves[f"acts{layer}"] @ trace.decoders[layer] + constant)[None]
+                return (leaves[f"acts{layer}"] @ trace.decoders[layer, layer] + constant)[None]
 
             hooks.append((f"blocks.{layer}.hook_mlp_out", mlp_out))
     hooks.append(("ln_final.hook_scale", lambda x, hook: trace.get("ln_final.hook_scale")[None]))

@@ -54,7 +54,7 @@ def feature_target(trace: Trace, layer: int, feature: int, pos: int) -> Target:
     check_feature({at: s.transcoder.cfg.d_sae for at, s in trace.splices.items()}, layer, feature)
     norm = trace.input_norms[layer]
     direction, constant = norm.pull_back(trace.encoders[layer][:, feature], trace.scale(norm, pos))
-    b_enc = trace.splices[layer].transcoder.b_enc[feature].to(direction.dtype)
+    b_enc = trace.replacement.b_enc(layer)[feature].to(direction.dtype)
     return Target(Node("feature", layer, pos, feature), Site(layer, "mlp"), pos, direction, constant + b_enc)
 
 
@@ -110,7 +110,8 @@ def head_target_for(trace: Trace, direction: torch.Tensor, dest: int, layer: int
 def child_target(trace: Trace, parent: Target, node: Node) -> Target:
     """The target whose value is ``node``'s contribution to ``parent``."""
     if node.kind == "feature":
-        coefficient = trace.decoders[node.layer][node.index] @ parent.direction
+        outputs = trace.outputs_read_by(node.layer, parent.site)
+        coefficient = sum(trace.decoders[node.layer, out][node.index] @ parent.direction for out in outputs)
         return feature_target(trace, node.layer, node.index, node.pos).scaled(coefficient)
     if node.kind == "head":
         return head_target(trace, parent, node.layer, node.index, node.src)
@@ -168,11 +169,14 @@ def direct_contributions(trace: Trace, target: Target) -> Contributions:
         per_source = torch.einsum("shk,hk->hs", trace.values[layer], out_read)
         result.heads[layer] = trace.pattern(layer)[:, pos, :] * per_source
         result.others[Node("attn_bias", layer, pos)] = float(attn.b_O @ g)
+    for source, acts in trace.feature_acts.items():
+        outputs = trace.outputs_read_by(source, target.site)
+        if outputs:
+            result.features[source] = acts[pos] * sum(trace.decoders[source, out] @ g for out in outputs)
     for layer in mlp_layers:
-        if layer not in trace.splices:
+        if layer not in trace.transcoder_bias:
             result.others[Node("mlp", layer, pos)] = float(trace.mlp_out(layer)[pos] @ g)
             continue
-        result.features[layer] = trace.feature_acts[layer][pos] * (trace.decoders[layer] @ g)
         result.others[Node("transcoder_bias", layer, pos)] = float(trace.transcoder_bias[layer] @ g)
         result.others[Node("error", layer, pos)] = float(trace.errors[layer][pos] @ g)
         if layer in trace.skips:

@@ -85,17 +85,19 @@ class BatchEffects:
         """Target ``i``'s effects in the dense form of ``total_effects``."""
         trace = self.trace
         result = Effects(bias=float(self.bias[i]), embed=self.embed[i].clone())
-        _, mlp_layers = trace.writes_before(self.targets[i].site)
+        site = self.targets[i].site
+        _, mlp_layers = trace.writes_before(site)
         for layer in mlp_layers:
             result.errors[layer] = self.errors[layer][i].clone()
-            if layer not in trace.splices:
-                continue
-            dense = torch.zeros_like(trace.feature_acts[layer])
-            here = (self.active[:, 0] == layer).nonzero().flatten()
-            dense[self.active[here, 1], self.active[here, 2]] = self.features[i, here]
-            result.features[layer] = dense
             if layer in trace.skips:
                 result.skips[layer] = self.skips[layer][i].clone()
+        for source, acts in trace.feature_acts.items():
+            if not trace.outputs_read_by(source, site):
+                continue
+            dense = torch.zeros_like(acts)
+            here = (self.active[:, 0] == source).nonzero().flatten()
+            dense[self.active[here, 1], self.active[here, 2]] = self.features[i, here]
+            result.features[source] = dense
         return result
 
 
@@ -116,27 +118,29 @@ def _first_operation(trace: Trace, target: Target) -> int:
 
 @dataclass
 class _LayerFeatures:
-    """The active features of one layer, grouped by token: for each position with any,
-    ``(pos, their decoder rows transposed [d_model, n], their activations [n])``; their
-    effects fill the columns ``columns`` of ``BatchEffects.features``, position by position."""
+    """The active features of one source layer writing into one MLP output, grouped by token:
+    for each position with any, ``(pos, their decoder rows transposed [d_model, n], their
+    activations [n])``; their effects add to the columns ``columns`` of ``BatchEffects.features``,
+    position by position."""
 
     columns: slice
     blocks: list[tuple[int, torch.Tensor, torch.Tensor]]
 
 
-def _layer_features(trace: Trace, active: torch.Tensor) -> dict[int, _LayerFeatures]:
-    out: dict[int, _LayerFeatures] = {}
-    for layer in sorted(trace.splices):
-        rows = (active[:, 0] == layer).nonzero().flatten()
+def _layer_features(trace: Trace, active: torch.Tensor) -> dict[int, list[_LayerFeatures]]:
+    """By MLP output layer: the active features of every source that writes into it."""
+    out: dict[int, list[_LayerFeatures]] = {}
+    for (source, layer), decoders in sorted(trace.decoders.items()):
+        rows = (active[:, 0] == source).nonzero().flatten()
         if len(rows) == 0:
             continue
         pos, feature = active[rows, 1], active[rows, 2]
-        decoders, acts = trace.decoders[layer], trace.feature_acts[layer]
+        acts = trace.feature_acts[source]
         blocks = []
         for p in pos.unique().tolist():
             features = feature[pos == p].to(decoders.device)
             blocks.append((p, decoders[features].T.contiguous(), acts[p, features]))
-        out[layer] = _LayerFeatures(slice(int(rows[0]), int(rows[-1]) + 1), blocks)
+        out.setdefault(layer, []).append(_LayerFeatures(slice(int(rows[0]), int(rows[-1]) + 1), blocks))
     return out
 
 
@@ -192,7 +196,7 @@ def total_effects_batch(trace: Trace, targets: Sequence[Target], batch_size: int
                 break
             layer, kind = operations[step]
             if kind == "mlp":
-                _batch_mlp_effects(trace, layer, directions, out, rows, bias, layer_features.get(layer))
+                _batch_mlp_effects(trace, layer, directions, out, rows, bias, layer_features.get(layer, []))
             else:
                 directions = directions + _batch_attention_pullback(trace, layer, directions, bias)
         embed = trace.get("hook_embed")
@@ -210,14 +214,14 @@ def _batch_mlp_effects(
     out: BatchEffects,
     rows: torch.Tensor,
     bias: torch.Tensor,
-    features: _LayerFeatures | None,
+    features: list[_LayerFeatures],
 ) -> None:
-    if layer not in trace.splices:
+    if layer not in trace.transcoder_bias:
         out.errors[layer][rows] = _per_token_dot(directions, trace.mlp_out(layer))
         return
-    if features is not None:  # each active feature reads the direction at its own token
-        reads = [(directions[:, pos] @ decoders) * acts for pos, decoders, acts in features.blocks]
-        out.features[rows, features.columns] = torch.cat(reads, dim=1)
+    for source in features:  # each active feature reads the direction at its own token
+        reads = [(directions[:, pos] @ decoders) * acts for pos, decoders, acts in source.blocks]
+        out.features[rows, source.columns] += torch.cat(reads, dim=1)
     out.errors[layer][rows] = _per_token_dot(directions, trace.errors[layer])
     bias += (directions @ trace.transcoder_bias[layer]).sum(-1)
     if layer in trace.skips:

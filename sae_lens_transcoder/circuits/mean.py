@@ -31,7 +31,7 @@ def mean_feature_attributions(
     if upstream.layer >= downstream.layer:
         raise ValueError(f"upstream layer {upstream.layer} must be below downstream layer {downstream.layer}.")
     connection = feature_connections(model, upstream, downstream, feature)
-    norm = transcoder_input_norm(model, downstream, downstream.layer)
+    norm = transcoder_input_norm(model, downstream.hook_name, downstream.layer)
     total = torch.zeros_like(connection)
     count = 0
     for start in range(0, tokens.shape[0], batch_size):

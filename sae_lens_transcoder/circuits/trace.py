@@ -5,6 +5,8 @@ stream at any point is an exact sum of terms (embeddings, per-head per-source at
 outputs, transcoder features, transcoder biases, skips, error terms), and everything that
 reads it is affine. ``trace_prompt`` records those terms and checks that they really do
 add up, so an unsupported architecture fails loudly instead of giving wrong attributions.
+Transcoders are seen only through their replacement set: features are recorded by the
+layer they read at, decoders by (feature source, output layer).
 """
 
 from collections.abc import Sequence
@@ -15,8 +17,8 @@ from sae_lens.saes.sae import SAE
 from transformer_lens import ActivationCache, HookedTransformer
 
 from sae_lens_transcoder.circuits.norms import FrozenNorm, frozen_norm
-from sae_lens_transcoder.hooks import ensure_mlp_hook_in, hook_layer, mlp_out_hook
-from sae_lens_transcoder.splicing import Splice, as_splices
+from sae_lens_transcoder.hooks import ensure_mlp_hook_in, mlp_out_hook
+from sae_lens_transcoder.replacement import PerLayerTranscoders, ReplacementSet, Splice, as_replacement_set
 from sae_lens_transcoder.validation import check_splices_fit_model
 
 SITE_KINDS = ("attn", "mlp", "final")
@@ -36,35 +38,6 @@ class Site:
             raise ValueError(f"Site kind {self.kind!r} is not one of {SITE_KINDS}")
 
 
-def _input_map(splice: Splice) -> float | torch.Tensor:
-    """What multiplies the raw MLP input before ``W_enc`` (the splice's input scale and SAELens's
-    input normalisation): a number in the usual cases, else a ``[d_in, d_in]`` matrix."""
-    tc = splice.transcoder
-    eye = torch.eye(tc.cfg.d_in, dtype=tc.dtype, device=tc.device) * splice.input_scale
-    with torch.no_grad():
-        once, twice = tc.run_time_activation_norm_fn_in(eye), tc.run_time_activation_norm_fn_in(2 * eye)
-    if not torch.allclose(twice, 2 * once, rtol=1e-5, atol=1e-6):
-        raise ValueError(
-            f"normalize_activations={tc.cfg.normalize_activations!r} is not a linear map, so the "
-            "transcoder's features are not affine in its input: circuits need 'none' or "
-            "'expected_average_only_in'."
-        )
-    diagonal = once.diagonal()
-    if torch.equal(once, torch.diag(diagonal)) and bool((diagonal == diagonal[0]).all()):
-        return float(diagonal[0])
-    return once
-
-
-def effective_encoder(splice: Splice) -> torch.Tensor:
-    """``[d_in, d_sae]`` matrix with pre-activations ``x @ E + b_enc`` for raw MLP inputs ``x``;
-    the transcoder's own ``W_enc`` (no copy) when nothing rescales the input."""
-    W_enc = splice.transcoder.W_enc.detach()
-    scale = _input_map(splice)
-    if isinstance(scale, float):
-        return W_enc if scale == 1.0 else W_enc * scale
-    return scale @ W_enc
-
-
 def final_norm(model: HookedTransformer) -> FrozenNorm:
     """The unembedding's norm (absent when ``normalization_type`` is None)."""
     if not hasattr(model, "ln_final"):
@@ -72,11 +45,10 @@ def final_norm(model: HookedTransformer) -> FrozenNorm:
     return frozen_norm(model.ln_final, "ln_final.hook_scale", full_output=True)
 
 
-def transcoder_input_norm(model: HookedTransformer, splice: Splice, layer: int) -> FrozenNorm:
-    """How the transcoder of MLP ``layer`` reads the residual stream."""
+def transcoder_input_norm(model: HookedTransformer, name: str, layer: int) -> FrozenNorm:
+    """How features reading hook ``name`` of MLP ``layer`` read the residual stream."""
     ln2 = model.blocks[layer].ln2
     scale_hook = f"blocks.{layer}.ln2.hook_scale"
-    name = splice.hook_name
     if name == f"blocks.{layer}.ln2.hook_normalized":
         return frozen_norm(ln2, scale_hook, full_output=False)
     if name == f"blocks.{layer}.mlp.hook_in":
@@ -96,14 +68,17 @@ class Trace:
     model: HookedTransformer
     tokens: torch.Tensor
     cache: ActivationCache
-    splices: dict[int, Splice]
+    replacement: ReplacementSet
     logits: torch.Tensor  # [pos, d_vocab]
     attn_in: dict[int, torch.Tensor] = field(default_factory=dict)  # [pos, d_model]
     values: dict[int, torch.Tensor] = field(default_factory=dict)  # [pos, n_heads, d_head]
+    # By the layer the features read at (their source):
     feature_acts: dict[int, torch.Tensor] = field(default_factory=dict)  # [pos, d_sae]
-    decoders: dict[int, torch.Tensor] = field(default_factory=dict)  # [d_sae, d_model]
     encoders: dict[int, torch.Tensor] = field(default_factory=dict)  # [d_in, d_sae]
     input_norms: dict[int, FrozenNorm] = field(default_factory=dict)
+    # By (source layer, output layer): what source's features write into that MLP output.
+    decoders: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # [d_sae, d_model]
+    # By the replaced MLP output:
     transcoder_bias: dict[int, torch.Tensor] = field(default_factory=dict)  # [d_model]
     skips: dict[int, torch.Tensor] = field(default_factory=dict)  # [pos, d_model]
     errors: dict[int, torch.Tensor] = field(default_factory=dict)  # [pos, d_model]
@@ -112,6 +87,13 @@ class Trace:
     @property
     def n_layers(self) -> int:
         return self.model.cfg.n_layers
+
+    @property
+    def splices(self) -> dict[int, Splice]:
+        """The per-layer transcoders by layer (only a per-layer set has them)."""
+        if not isinstance(self.replacement, PerLayerTranscoders):
+            raise TypeError(f"{type(self.replacement).__name__} is not a per-layer set: use trace.replacement.")
+        return self.replacement.splices
 
     @property
     def n_pos(self) -> int:
@@ -148,6 +130,11 @@ class Trace:
         attn_end = site.layer + 1 if site.kind == "mlp" and not self.parallel else site.layer
         return range(attn_end), range(site.layer)
 
+    def outputs_read_by(self, source: int, site: Site) -> list[int]:
+        """The MLP outputs that layer ``source``'s features write into and ``site`` reads."""
+        _, mlp_layers = self.writes_before(site)
+        return [out for src, out in self.decoders if src == source and out in mlp_layers]
+
     def attn_norm(self, layer: int) -> FrozenNorm:
         return frozen_norm(self.model.blocks[layer].ln1, f"blocks.{layer}.ln1.hook_scale", full_output=True)
 
@@ -161,13 +148,13 @@ class Trace:
         return self.get(mlp_out_hook(layer))
 
 
-def _cached_names(model: HookedTransformer, splices: dict[int, Splice]) -> set[str]:
+def _cached_names(model: HookedTransformer, replacement: ReplacementSet) -> set[str]:
     names = {"hook_embed", "hook_pos_embed", "ln_final.hook_scale"}
     for layer in range(model.cfg.n_layers):
         block = f"blocks.{layer}"
         names |= {f"{block}.{h}" for h in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")}
         names |= {f"{block}.ln1.hook_scale", f"{block}.ln2.hook_scale", f"{block}.attn.hook_pattern"}
-    return names | {s.hook_name for s in splices.values()}
+    return names | {replacement.hook_in(layer) for layer in replacement.layers}
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
@@ -176,10 +163,11 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
 
 def trace_prompt(
     model: HookedTransformer,
-    transcoders: Sequence["SAE | Splice"],  # type: ignore[type-arg]
+    transcoders: ReplacementSet | Sequence["SAE | Splice"],  # type: ignore[type-arg]
     tokens: str | torch.Tensor,
 ) -> Trace:
     """Run ``tokens`` (a string or 1-D ids) and record the frozen model's terms."""
+    replacement = transcoders if isinstance(transcoders, ReplacementSet) else as_replacement_set(transcoders)
     if model.cfg.use_normalization_before_and_after:
         raise ValueError("circuits do not support models with post-attention/post-MLP norms (Gemma 2/3) yet.")
     if isinstance(tokens, str):
@@ -192,24 +180,19 @@ def trace_prompt(
             f"the prompt is {tokens.shape[0]} tokens, longer than the model's context "
             f"(n_ctx={model.cfg.n_ctx}): shorten it."
         )
-    splices: dict[int, Splice] = {}
-    for splice in as_splices(transcoders):
-        layer = hook_layer(splice.hook_name_out, "hook_name_out")
-        if splice.hook_name_out != mlp_out_hook(layer):
-            raise ValueError(f"transcoder hook_name_out={splice.hook_name_out!r}: circuits need {mlp_out_hook(layer)!r}.")
-        if layer in splices:
-            raise ValueError(f"two transcoders replace MLP {layer}: pass one per layer.")
-        splices[layer] = splice
+    for layer in replacement.layers:
+        if replacement.hook_out(layer) != mlp_out_hook(layer):
+            raise ValueError(f"transcoder hook_name_out={replacement.hook_out(layer)!r}: circuits need {mlp_out_hook(layer)!r}.")
     ensure_mlp_hook_in(model)
-    check_splices_fit_model(model, list(splices.values()))
-    names = _cached_names(model, splices)
+    if isinstance(replacement, PerLayerTranscoders):  # the model check takes Splices
+        check_splices_fit_model(model, list(replacement.splices.values()))
+    names = _cached_names(model, replacement)
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n in names)
-    trace = Trace(model=model, tokens=tokens, cache=cache, splices=splices, logits=logits[0])
+    trace = Trace(model=model, tokens=tokens, cache=cache, replacement=replacement, logits=logits[0])
     with torch.no_grad():
         _record_attention(trace)
-        for layer, splice in splices.items():
-            _record_transcoder(trace, layer, splice)
+        _record_transcoders(trace)
     _check_residual_sums(trace)
     return trace
 
@@ -233,30 +216,22 @@ def _record_attention(trace: Trace) -> None:
             )
 
 
-def _record_transcoder(trace: Trace, layer: int, splice: Splice) -> None:
-    tc = splice.transcoder
-    x = trace.get(splice.hook_name)
-    out = splice(x).to(x.dtype)
-    acts = splice.last_feature_acts
-    assert acts is not None
-    decoder = tc.W_dec.detach() if splice.input_scale == 1.0 else tc.W_dec.detach() / splice.input_scale
-    decoder = decoder.to(x.dtype)
-    bias = (tc.b_dec / splice.input_scale).to(x.dtype)
-    parts = acts.to(x.dtype) @ decoder + bias
-    if hasattr(tc, "W_skip"):
-        trace.skips[layer] = x @ tc.W_skip.T.to(x.dtype)
-        parts = parts + trace.skips[layer]
-    if not _close(parts, out):
-        raise ValueError(
-            f"transcoder of layer {layer} ({type(tc).__name__}) is not features @ W_dec + b_dec (+ skip): "
-            "circuits cannot decompose it."
-        )
-    trace.feature_acts[layer] = acts.to(x.dtype)
-    trace.decoders[layer] = decoder
-    trace.transcoder_bias[layer] = bias
-    trace.encoders[layer] = effective_encoder(splice).to(x.dtype)
-    trace.input_norms[layer] = transcoder_input_norm(trace.model, splice, layer)
-    trace.errors[layer] = trace.mlp_out(layer) - out
+def _record_transcoders(trace: Trace) -> None:
+    """Features by the layer they read at; decoders, biases, skips and errors by the output."""
+    rs = trace.replacement
+    inputs = {layer: trace.get(rs.hook_in(layer)) for layer in rs.layers}
+    for layer, x in inputs.items():
+        trace.feature_acts[layer] = rs.encode(layer, x).to(x.dtype)
+        trace.encoders[layer] = rs.encoder(layer).to(x.dtype)
+        trace.input_norms[layer] = transcoder_input_norm(trace.model, rs.hook_in(layer), layer)
+    for layer, x in inputs.items():
+        for source in rs.sources(layer):
+            trace.decoders[source, layer] = rs.decoder(source, layer).to(x.dtype)
+        trace.transcoder_bias[layer] = rs.b_dec(layer).to(x.dtype)
+        skip = rs.skip(layer, x)
+        if skip is not None:
+            trace.skips[layer] = skip.to(x.dtype)
+        trace.errors[layer] = rs.error(layer, trace.mlp_out(layer), trace.feature_acts, x)
 
 
 def _check_residual_sums(trace: Trace) -> None:

@@ -9,20 +9,21 @@ import torch
 from transformer_lens import HookedTransformer
 
 from sae_lens_transcoder.circuits.norms import frozen_norm
-from sae_lens_transcoder.circuits.trace import effective_encoder, final_norm, transcoder_input_norm
-from sae_lens_transcoder.splicing import Splice
+from sae_lens_transcoder.circuits.trace import final_norm, transcoder_input_norm
+from sae_lens_transcoder.replacement import PerLayerTranscoders, Splice
 
 TokenScores = list[tuple[str, float]]
 
 
 def encoder_direction(model: HookedTransformer, splice: Splice, feature: int) -> torch.Tensor:
     """The residual direction feature ``feature``'s pre-activation reads."""
-    return transcoder_input_norm(model, splice, splice.layer).read_direction(effective_encoder(splice)[:, feature])
+    encoder = PerLayerTranscoders([splice]).encoder(splice.layer)
+    return transcoder_input_norm(model, splice.hook_name, splice.layer).read_direction(encoder[:, feature])
 
 
 def decoder_directions(splice: Splice) -> torch.Tensor:
-    """``[d_sae, d_model]``: what each feature writes per unit of activation."""
-    return splice.transcoder.W_dec / splice.input_scale
+    """``[d_sae, d_model]``: what each feature writes per unit of activation (into its own layer)."""
+    return PerLayerTranscoders([splice]).decoder(splice.layer, splice.layer)
 
 
 def ov_pullback(model: HookedTransformer, layer: int, head: int, direction: torch.Tensor) -> torch.Tensor:

@@ -73,8 +73,8 @@ from sae_lens.saes.transcoder import (
 
 from sae_lens_transcoder.atomic import replace_dir_atomically
 from sae_lens_transcoder.hooks import hook_layer
+from sae_lens_transcoder.replacement import PerLayerTranscoders, Splice, as_splices
 from sae_lens_transcoder.saes.transcoder import TrainingTranscoder
-from sae_lens_transcoder.splicing import Splice
 
 __all__ = ["export_circuit_tracer", "load_circuit_tracer_transcoders"]
 
@@ -125,14 +125,11 @@ def _jsonable_metadata(metadata: SAEMetadata) -> dict[str, Any]:
     return kept
 
 
-@dataclass
-class _Input:
-    splice: Splice
-    from_splice: bool  # False: a bare SAE (its scaling factor, if any, is unknown)
+def _prepare(sp: Splice, index: int, scale_known: bool) -> _Prepared:
+    """Check that ``sp`` fits the format and describe it (tensors come from the set, later).
 
-
-def _prepare(inp: _Input, index: int, dtype: torch.dtype | None) -> _Prepared:
-    sp = inp.splice
+    ``scale_known`` is False for a bare SAE, whose training-time scaling factor is unknown.
+    """
     tc = sp.transcoder
     where = f"transcoders[{index}]"
     if not isinstance(tc, (Transcoder, TrainingTranscoder)):
@@ -150,7 +147,7 @@ def _prepare(inp: _Input, index: int, dtype: torch.dtype | None) -> _Prepared:
             "statistics, which circuit-tracer's transcoder cannot do; only 'none' and a "
             "folded 'expected_average_only_in' can be exported."
         )
-    if norm == "expected_average_only_in" and not inp.from_splice:
+    if norm == "expected_average_only_in" and not scale_known:
         raise ValueError(
             f"{where}: normalize_activations='expected_average_only_in' but the scaling "
             "factor is not part of the SAE. Pass Splice.from_sae(sae, input_scale=FACTOR), "
@@ -202,24 +199,6 @@ def _prepare(inp: _Input, index: int, dtype: torch.dtype | None) -> _Prepared:
         # unfolded, where that value is ln2.hook_normalized (taken before the norm's weight).
         input_hook = "ln2.hook_normalized"
 
-    work = torch.float64
-    out_dtype = dtype or tc.dtype
-    with torch.no_grad():
-        W_enc = tc.W_enc.detach().to(work) * scale
-        tensors = {
-            "W_enc": W_enc.T,
-            "b_enc": tc.b_enc.detach().to(work),
-            "W_dec": tc.W_dec.detach().to(work) / scale,
-            "b_dec": tc.b_dec.detach().to(work) / scale,
-        }
-        if isinstance(tc, SkipTranscoder):
-            tensors["W_skip"] = tc.W_skip.detach().to(work)
-        if isinstance(tc, JumpReLUTranscoder):
-            # SAELens: relu(pre) * (pre > t); circuit-tracer: pre * (pre > t). They agree for
-            # t >= 0, and a negative t behaves exactly like t = 0 in SAELens.
-            tensors[THRESHOLD] = tc.threshold.detach().to(work).clamp(min=0)
-        tensors = {k: v.to(out_dtype).contiguous().cpu() for k, v in tensors.items()}
-
     source = {
         "layer": layer,
         "architecture": cfg.architecture(),
@@ -228,7 +207,23 @@ def _prepare(inp: _Input, index: int, dtype: torch.dtype | None) -> _Prepared:
         "folded_input_scale": scale,
         "metadata": _jsonable_metadata(cfg.metadata),
     }
-    return _Prepared(layer, tensors, input_hook, output_hook, d_sae, d_in, source)
+    return _Prepared(layer, {}, input_hook, output_hook, d_sae, d_in, source)
+
+
+def _layer_tensors(replacement: PerLayerTranscoders, layer: int, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The file's tensors: the set's transcoder in model units, in circuit-tracer's orientation."""
+    tc = replacement.transcoder(layer)
+    units = replacement.folded(layer)
+    assert units.W_enc is not None  # a linear input normalisation, checked in _prepare
+    tensors = {"W_enc": units.W_enc.T, "b_enc": units.b_enc, "W_dec": units.W_dec, "b_dec": units.b_dec}
+    if isinstance(tc, SkipTranscoder) and units.W_skip is not None:
+        tensors["W_skip"] = units.W_skip
+    if isinstance(tc, JumpReLUTranscoder) and units.threshold is not None:
+        # SAELens: relu(pre) * (pre > t); circuit-tracer: pre * (pre > t). They agree for
+        # t >= 0, and a negative t behaves exactly like t = 0 in SAELens.
+        tensors[THRESHOLD] = units.threshold.clamp(min=0)
+    out_dtype = dtype or tc.dtype
+    return {k: v.to(out_dtype).contiguous().cpu() for k, v in tensors.items()}
 
 
 def _check_set(prepared: list[_Prepared], n_layers: int | None) -> None:
@@ -277,7 +272,7 @@ def _write_atomically(out_dir: Path, fill: Any, overwrite: bool) -> None:
 
 
 def export_circuit_tracer(
-    transcoders: Sequence[SAE | Splice],  # type: ignore[type-arg]
+    transcoders: PerLayerTranscoders | Sequence[SAE | Splice],  # type: ignore[type-arg]
     out_dir: str | Path,
     model_name: str,
     *,
@@ -290,7 +285,8 @@ def export_circuit_tracer(
 
     Accepts SAELens ``Transcoder``, ``SkipTranscoder``, ``JumpReLUTranscoder``,
     ``JumpReLUSkipTranscoder`` (and this package's ``TrainingTranscoder``), bare or as a
-    :class:`Splice`, whose ``input_scale`` is folded into the weights. Outputs equal
+    :class:`Splice`, whose ``input_scale`` is folded into the weights, or a
+    :class:`PerLayerTranscoders` set (which knows its scales). Outputs equal
     ``Splice(x)`` of the input. When some layers have a skip connection and others not,
     the others get a zero ``W_skip`` (circuit-tracer decides from layer 0 for all).
 
@@ -302,16 +298,18 @@ def export_circuit_tracer(
     or not at all. Raises ``ValueError`` naming the field for anything the format
     cannot hold.
     """
-    if not transcoders:
+    given_set = isinstance(transcoders, PerLayerTranscoders)
+    splices = list(transcoders.splices.values()) if given_set else as_splices(transcoders)
+    if not splices:
         raise ValueError("transcoders is empty: give one transcoder per layer.")
     if not model_name:
         raise ValueError("model_name is empty: circuit-tracer's config.yaml needs the model's name.")
-    inputs = [
-        _Input(t, True) if isinstance(t, Splice) else _Input(Splice.from_sae(t), False)
-        for t in transcoders
-    ]
-    prepared = sorted((_prepare(inp, i, dtype) for i, inp in enumerate(inputs)), key=lambda p: p.layer)
+    scale_known = [given_set or isinstance(t, Splice) for t in transcoders]
+    prepared = sorted((_prepare(sp, i, known) for i, (sp, known) in enumerate(zip(splices, scale_known))), key=lambda p: p.layer)
     _check_set(prepared, n_layers)
+    replacement = transcoders if given_set else PerLayerTranscoders(splices)
+    for p in prepared:
+        p.tensors = _layer_tensors(replacement, p.layer, dtype)
     if any("W_skip" in p.tensors for p in prepared):
         for p in prepared:
             if "W_skip" not in p.tensors:
