@@ -37,8 +37,8 @@ from transformer_lens import HookedTransformer
 from sae_lens_transcoder._version import __version__
 from sae_lens_transcoder.data import resolve_dataset_path
 from sae_lens_transcoder.hooks import ensure_mlp_hook_in, hook_layer, mlp_out_hook, probe_hooks
+from sae_lens_transcoder.replacement import Splice
 from sae_lens_transcoder.saes.transcoder import TrainingTranscoderConfig
-from sae_lens_transcoder.splicing import Splice
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ SAE_LENS_DEFAULT_N_BATCHES_IN_BUFFER = _DEFAULTS["n_batches_in_buffer"].default
 PLUGIN_VERSION_KEY = "sae_lens_transcoder_version"
 # Exactly what the runner's final save writes: such a directory may be replaced by a new run.
 FINAL_SAVE_FILES = frozenset({SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME, RUNNER_CFG_FILENAME})
-TRANSCODER_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 USER_ERRORS = (ValueError, TypeError, OSError, argparse.ArgumentError)
 
@@ -482,10 +481,10 @@ def check_output_path(output_path: str | None, overwrite: bool = False) -> None:
     if not entries:
         return
     if is_previous_transcoder_output(path):
-        logger.info("output_path=%r holds a previous transcoder output of this plugin: replacing it.", output_path)
+        logger.info("output_path=%r holds a previous transcoder output of this plugin: the new one replaces it.", output_path)
         return
     if overwrite:
-        logger.info("output_path=%r is not empty: replacing it, as overwrite was asked.", output_path)
+        logger.info("output_path=%r is not empty: the new transcoder replaces it, as overwrite was asked.", output_path)
         return
     shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
     raise FileExistsError(

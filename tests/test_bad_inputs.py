@@ -216,6 +216,15 @@ def final_save(env: Env) -> TranscoderTrainingRunner:
     return runner
 
 
+def save_instead_of_training(env: Env) -> None:
+    """``run`` goes straight to its final save (the CLI's path to it, without the training)."""
+    def run(runner: TranscoderTrainingRunner) -> None:
+        env.state["runner"] = runner
+        runner.save_final_sae(runner.sae, runner.cfg.output_path, torch.zeros(runner.cfg.sae.d_sae))
+
+    env.monkeypatch.setattr(TranscoderTrainingRunner, "run", run)
+
+
 def disk_full(env: Env) -> None:
     def no_space(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -362,9 +371,7 @@ CASES: list[Case] = [
          setup=runner_saving_to("later", appears=True)),
     case("out-disk-full-keeps-previous", then(disk_full, final_save), OSError, "No space left on device", "nothing there was changed",
          stage="any", setup=runner_saving_to("prev", previous=True)),
-    case("out-disk-full-cli", then(disk_full, lambda env: env.monkeypatch.setattr(
-             TranscoderTrainingRunner, "run", lambda self: self.save_final_sae(self.sae, self.cfg.output_path)),
-         cli_main(*TRAIN)), SystemExit, "No space left on device", stage="any",
+    case("out-disk-full-cli", then(disk_full, save_instead_of_training, cli_main(*TRAIN)), SystemExit, "No space left on device", stage="any",
          setup=lambda env: save_transcoder(env.path("out"), final_save=True)),
     case("out-previous-transcoder-replaced", final_save, None, "holds a previous transcoder output", stage="any",
          setup=runner_saving_to("prev", previous=True), check=replaced_by_new_transcoder, changes_disk=True),
@@ -372,6 +379,12 @@ CASES: list[Case] = [
              runner=py_runner(model=gpt2, output_path=str(env.path("results")), overwrite=True)), final_save),
          None, "as overwrite was asked", stage="any", setup=write("results/notes.md", "mine"),
          check=replaced_by_new_transcoder, changes_disk=True),
+    case("out-overwrite-cli", then(save_instead_of_training, cli_main(*TRAIN, "--output_path", "results", "--overwrite",
+         "--eval-tokens", "0")), None, "as overwrite was asked", stage="any", setup=write("results/notes.md", "mine"),
+         check=lambda env, _: replaced_by_new_transcoder(env, env.state["runner"]), changes_disk=True),
+    case("export-out-not-empty-cli", cli_main("export", "circuit-tracer", "tc1", "--out", "ct"), SystemExit,
+         "exists and is not empty (pass overwrite=True / --overwrite)",
+         setup=both(lambda env: save_transcoder(env.path("tc1"), layer=0), write("ct/notes.md", "mine"))),
     case("out-empty-dir-accepted", lambda env: check_output_path("empty"), None, setup=lambda env: env.path("empty").mkdir()),
     case("out-version-recorded", final_save, None, stage="any", setup=runner_saving_to("out"),
          check=version_recorded_and_plain_load_is_silent, changes_disk=True),
