@@ -1,5 +1,6 @@
 """Load what the commands are pointed at: transcoders by path or release, models by name."""
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -8,7 +9,10 @@ from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_direc
 from sae_lens.saes.transcoder import Transcoder
 from transformer_lens import HookedTransformer
 
+from sae_lens_transcoder.export.circuit_tracer import CONFIG_FILE, load_circuit_tracer_transcoders
 from sae_lens_transcoder.llm_transcoder_training_runner import is_offline_model, load_offline_model
+from sae_lens_transcoder.replacement import PerLayerTranscoders
+from sae_lens_transcoder.replacement.saving import MANIFEST_FILE
 from sae_lens_transcoder.validation import check_transcoder_dir
 
 
@@ -42,3 +46,19 @@ def load_model_for(name: str, metadata: Any, device: str) -> HookedTransformer:
     if is_offline_model(name):
         return load_offline_model(name, device, kwargs)
     return HookedTransformer.from_pretrained_no_processing(name, device=device, **kwargs)
+
+
+def load_transcoder_set(path: str | Path, device: str = "cpu") -> PerLayerTranscoders:
+    """A replacement set from a directory ``save_transcoder_set`` wrote (its manifest names one
+    SAELens transcoder directory per layer) or from a circuit-tracer transcoder set
+    (``config.yaml`` + ``layer_{i}.safetensors``, as circuit-tracer or ``export_circuit_tracer`` write)."""
+    root = Path(path).expanduser()
+    manifest = root / MANIFEST_FILE
+    if manifest.is_file():
+        entries = json.loads(manifest.read_text())["layers"]
+        return PerLayerTranscoders([load_transcoder(str(root / entry["dir"]), device) for entry in entries])
+    if (root / CONFIG_FILE).is_file():
+        return PerLayerTranscoders(load_circuit_tracer_transcoders(root, device))
+    raise FileNotFoundError(
+        f"{root} is not a transcoder set: expected {MANIFEST_FILE} (save_transcoder_set) or {CONFIG_FILE} (circuit-tracer)."
+    )

@@ -38,10 +38,10 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 
 
-def build_model(arch: str, seed: int = 0, **overrides: Any) -> HookedTransformer:
+def build_model(arch: str, seed: int = 0, n_layers: int = 2, **overrides: Any) -> HookedTransformer:
     torch.manual_seed(seed)
     cfg = HookedTransformerConfig(
-        n_layers=2,
+        n_layers=n_layers,
         d_model=D_MODEL,
         d_head=16,
         n_heads=4,

@@ -304,7 +304,7 @@ def export_circuit_tracer(
         raise ValueError("transcoders is empty: give one transcoder per layer.")
     if not model_name:
         raise ValueError("model_name is empty: circuit-tracer's config.yaml needs the model's name.")
-    scale_known = [given_set or isinstance(t, Splice) for t in transcoders]
+    scale_known = [True] * len(splices) if given_set else [isinstance(t, Splice) for t in transcoders]
     prepared = sorted((_prepare(sp, i, known) for i, (sp, known) in enumerate(zip(splices, scale_known))), key=lambda p: p.layer)
     _check_set(prepared, n_layers)
     replacement = transcoders if given_set else PerLayerTranscoders(splices)
