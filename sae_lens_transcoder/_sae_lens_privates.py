@@ -11,7 +11,7 @@ import torch
 from sae_lens import llm_sae_training_runner
 from sae_lens.llm_sae_training_runner import LanguageModelSAETrainingRunner
 from sae_lens.training.activations_store import ActivationsStore
-from sae_lens.training.sae_trainer import SAETrainer
+from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 
 REQUIRED: dict[str, tuple[object, str]] = {
     # CLI flag parser with the architecture subgroups (no public parser exists).
@@ -20,8 +20,10 @@ REQUIRED: dict[str, tuple[object, str]] = {
     "LanguageModelSAETrainingRunner._set_sae_metadata": (LanguageModelSAETrainingRunner, "_set_sae_metadata"),
     # Token batches with SAELens's epoch handling, drawn again to fast-forward on resume.
     "ActivationsStore._iterate_tokenized_sequences": (ActivationsStore, "_iterate_tokenized_sequences"),
-    # The progress bar update, which SAELens only runs every 100 steps (overridden).
-    "SAETrainer._update_pbar": (SAETrainer, "_update_pbar"),
+    # Overridden in the set trainer: the step-boundary hook (stop requests) and the
+    # progress bar, which SAELens only moves every 100 steps.
+    "MultiSAETrainer._maybe_log_sparsity": (MultiSAETrainer, "_maybe_log_sparsity"),
+    "MultiSAETrainer._update_pbar": (MultiSAETrainer, "_update_pbar"),
 }
 
 

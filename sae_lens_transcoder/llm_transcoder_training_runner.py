@@ -1,14 +1,21 @@
-"""``TranscoderTrainingRunner``: SAELens's training runner, fed MLP input/output pairs."""
+"""``TranscoderTrainingRunner``: SAELens's training runner, fed MLP input/output pairs.
+
+One runner trains one transcoder (``sae.mlp_layer`` / ``hook_name``) or a set of them
+(``sae.mlp_layers``) from one LLM forward pass per batch. A single transcoder is the set of
+one: both go through the same store, trainer, checkpoints and saving.
+"""
 
 import copy
 import json
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import wandb
-
 from sae_lens.config import HfDataset, LanguageModelSAERunnerConfig
 from sae_lens.llm_sae_training_runner import LanguageModelSAETrainingRunner
 from sae_lens.load_model import load_model as sae_lens_load_model
@@ -21,15 +28,17 @@ from transformer_lens.hook_points import HookedRootModule
 from sae_lens_transcoder import models
 from sae_lens_transcoder._version import __version__
 from sae_lens_transcoder.atomic import replace_dir_atomically
-from sae_lens_transcoder.hooks import default_input_hook, validate_transcoder_hooks
-
+from sae_lens_transcoder.hooks import default_input_hook, hook_layer, mlp_out_hook, validate_transcoder_hooks
+from sae_lens_transcoder.layer_spec import parse_mlp_layers
+from sae_lens_transcoder.replacement import PerLayerTranscoders, Splice
+from sae_lens_transcoder.replacement.saving import layer_dir, write_transcoder_set
 from sae_lens_transcoder.saes.transcoder import TrainingTranscoder, TrainingTranscoderConfig
 from sae_lens_transcoder.training.activations_store import TranscoderActivationsStore
 from sae_lens_transcoder.training.checkpoint_view import write_inference_view
-from sae_lens_transcoder.training.evaluator import TranscoderEvaluator
+from sae_lens_transcoder.training.evaluator import TranscoderSetEvaluator
+from sae_lens_transcoder.training.set_trainer import TranscoderSetTrainer
 from sae_lens_transcoder.training.shuffle_buffer import TrackedBatches
 from sae_lens_transcoder.training.stop_signals import StopSignals
-from sae_lens_transcoder.training.trainer import TranscoderTrainer
 from sae_lens_transcoder.validation import (
     PLUGIN_VERSION_KEY,
     SAE_LENS_DEFAULT_HOOK,
@@ -69,10 +78,17 @@ def require_complete_checkpoint(path: str | Path) -> None:
         )
 
 
-class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
-    """Train a transcoder with SAELens's runner: same checkpoints, resume, wandb, prefetch.
+def trainer_name(layer: int) -> str:
+    """A transcoder's name in the trainer: its checkpoint sub-directory and wandb key prefix."""
+    return f"layer_{layer}"
 
-    ``run``, ``save_final_sae``, checkpointing and interruption handling are inherited.
+
+class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
+    """Train a transcoder, or a set, with SAELens's pieces: store, trainer, checkpoints, wandb.
+
+    ``run`` returns the trained transcoder, or for a set the dict ``layer -> transcoder``
+    (always in ``transcoders``). ``override_sae`` replaces a single run's transcoder,
+    ``override_saes`` a set's (keyed by layer).
     """
 
     def __init__(
@@ -82,6 +98,7 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         override_model: HookedRootModule | None = None,
         override_sae: TrainingSAE[Any] | None = None,
         *,
+        override_saes: dict[int, TrainingSAE[Any]] | None = None,
         overwrite_output: bool = False,
     ):
         # SAELens's __init__ builds a single-hook store and its stock evaluator inline
@@ -97,31 +114,34 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         if not isinstance(self.model, HookedTransformer):
             raise ValueError("TranscoderTrainingRunner needs a HookedTransformer model.")
         validate_runner_model(cfg, self.model)
-        self._resolve_and_validate_hooks()
+        self.is_set = cfg.sae.mlp_layers is not None
+        self.hooks = self._resolve_and_validate_hooks()
         self._compile_llm_if_needed()
-        self.activations_store = TranscoderActivationsStore.from_runner_config(
-            self.model, cfg, override_dataset=override_dataset
+        self.transcoders = self._build_transcoders(override_sae, override_saes)
+        for transcoder in self.transcoders.values():
+            transcoder.to(cfg.device)
+        self.sae = next(iter(self.transcoders.values()))
+        self.replacement = PerLayerTranscoders(
+            [Splice(tc, *self.hooks[layer]) for layer, tc in self.transcoders.items()]
         )
-        if override_sae is not None:
-            self.sae = override_sae
-        else:
-            with temporary_seed(cfg.seed):  # the same seed gives the same initial weights
-                self.sae = self._build_sae()
-        self.sae.to(cfg.device)
-        assert cfg.sae.hook_name_out is not None
-        self.evaluator = TranscoderEvaluator(  # type: ignore[assignment]
+        self.activations_store = TranscoderActivationsStore.from_runner_config(
+            self.model, cfg, self.replacement.batch_layout, override_dataset=override_dataset
+        )
+        self.evaluator = TranscoderSetEvaluator(  # type: ignore[assignment]
             model=self.model,
             activations_store=self.activations_store,
-            hook_name=cfg.hook_name,
-            hook_name_out=cfg.sae.hook_name_out,
             n_eval_batches=cfg.n_eval_batches,
             eval_batch_size_prompts=cfg.eval_batch_size_prompts,
         )
-        self.trainer: TranscoderTrainer | None = None
-        self.data_position: TrackedBatches | None = None
+        self.trainer: TranscoderSetTrainer | None = None
+        self.data_position: TrackedBatches[dict[str, torch.Tensor]] | None = None
 
-    def run(self) -> TrainingSAE[Any]:  # type: ignore[override]
-        """Train, checkpoint, resume and save as SAELens's runner does, exactly resumable.
+    @property
+    def layers(self) -> list[int]:
+        return list(self.transcoders)
+
+    def run(self) -> Any:
+        """Train, checkpoint, resume and save, exactly resumable.
 
         SAELens's ``run`` builds a plain ``SAETrainer`` inline (no trainer seam) and starts
         prefetching before it restores the data position, so this composes the same steps.
@@ -145,12 +165,14 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
             # bool is an int: True means one batch ahead.
             ahead = 1 if isinstance(cfg.prefetch_llm_batches, bool) else cfg.prefetch_llm_batches
             source = PrefetchingIterator(source, prefetch=ahead)
-        self.data_position = TrackedBatches(source, start)
+        self.data_position = TrackedBatches(source, start, self._split_batch)
+        names = [trainer_name(layer) for layer in self.layers]
         stop = StopSignals()
         try:
-            self.trainer = TranscoderTrainer(
+            self.trainer = TranscoderSetTrainer(
                 cfg=cfg.to_sae_trainer_config(),
-                sae=self.sae,
+                saes=dict(zip(names, self.transcoders.values())),
+                hook_names={name: name for name in names},
                 data_provider=self.data_position,
                 evaluator=self.evaluator,
                 save_checkpoint_fn=self.save_checkpoint,
@@ -158,19 +180,26 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
             )
             if cfg.resume_from_checkpoint is not None:
                 logger.info("resuming from %s", cfg.resume_from_checkpoint)
-                self.trainer.load_trainer_state(cfg.resume_from_checkpoint)
-                self.sae.load_weights_from_checkpoint(cfg.resume_from_checkpoint)
+                self.trainer.load_checkpoint(cfg.resume_from_checkpoint)
             self._compile_sae_if_needed()
             with stop:
-                sae = self.trainer.fit()
+                self.trainer.fit()
             if cfg.output_path is not None:
-                self.save_final_sae(sae, cfg.output_path, self.trainer.log_feature_sparsity)
+                self.save_final_outputs(cfg.output_path)
             if cfg.logger.log_to_wandb:
                 wandb.finish()
-            return sae
+            return dict(self.transcoders) if self.is_set else self.sae
         finally:
             if isinstance(source, PrefetchingIterator):
                 source.close()
+
+    def _split_batch(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A packed batch as each transcoder's ``[mlp_in | mlp_out]`` (what it trains on)."""
+        parts = self.replacement.split_batch(packed)
+        return {
+            trainer_name(layer): torch.cat([parts[hook] for hook in self.hooks[layer]], dim=-1)
+            for layer in self.layers
+        }
 
     def _load_model(self) -> HookedRootModule:
         cfg = self.cfg
@@ -184,67 +213,119 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
             model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
         )
 
-    def _resolve_and_validate_hooks(self) -> None:
-        sae_cfg = self.cfg.sae
-        assert isinstance(self.model, HookedTransformer)
-        if sae_cfg.mlp_layer is not None and self.cfg.hook_name == SAE_LENS_DEFAULT_HOOK:
-            self.cfg.hook_name = default_input_hook(self.model, sae_cfg.mlp_layer)
-        assert sae_cfg.hook_name_out is not None and sae_cfg.d_out is not None
-        validate_transcoder_hooks(
-            self.model,
-            self.cfg.hook_name,
-            sae_cfg.hook_name_out,
-            d_in=sae_cfg.d_in,
-            d_out=sae_cfg.d_out,
-            allow_inexact_mlp_input=sae_cfg.allow_inexact_mlp_input,
-        )
+    def _resolve_and_validate_hooks(self) -> dict[int, tuple[str, str]]:
+        """``layer -> (input hook, output hook)``, each pair checked on the model."""
+        cfg, sae_cfg = self.cfg, self.cfg.sae
+        assert isinstance(self.model, HookedTransformer) and sae_cfg.d_out is not None
+        if sae_cfg.mlp_layers is not None:
+            layers = parse_mlp_layers(sae_cfg.mlp_layers, self.model.cfg.n_layers)
+            hooks = {layer: (default_input_hook(self.model, layer), mlp_out_hook(layer)) for layer in layers}
+        else:
+            if sae_cfg.mlp_layer is not None and cfg.hook_name == SAE_LENS_DEFAULT_HOOK:
+                cfg.hook_name = default_input_hook(self.model, sae_cfg.mlp_layer)
+            assert sae_cfg.hook_name_out is not None
+            layer = hook_layer(sae_cfg.hook_name_out, "sae.hook_name_out")
+            hooks = {layer: (cfg.hook_name, sae_cfg.hook_name_out)}
+        for hook_in, hook_out in hooks.values():
+            validate_transcoder_hooks(
+                self.model,
+                hook_in,
+                hook_out,
+                d_in=sae_cfg.d_in,
+                d_out=sae_cfg.d_out,
+                allow_inexact_mlp_input=sae_cfg.allow_inexact_mlp_input,
+            )
+        return hooks
 
-    def _build_sae(self) -> TrainingSAE[Any]:
+    def _build_transcoders(
+        self,
+        override_sae: TrainingSAE[Any] | None,
+        override_saes: dict[int, TrainingSAE[Any]] | None,
+    ) -> dict[int, TrainingSAE[Any]]:
+        layers = sorted(self.hooks)
+        if override_sae is not None:
+            if self.is_set:
+                raise ValueError("override_sae is for a single transcoder; give a set override_saes={layer: sae}.")
+            return {layers[0]: override_sae}
+        if override_saes is not None:
+            if sorted(override_saes) != layers:
+                raise ValueError(f"override_saes has layers {sorted(override_saes)}; the config trains {layers}.")
+            return dict(sorted(override_saes.items()))
+        return {layer: self._build_transcoder(layer) for layer in layers}
+
+    def _build_transcoder(self, layer: int) -> TrainingSAE[Any]:
         if self.cfg.from_pretrained_path is not None:
             return TrainingSAE.load_from_disk(self.cfg.from_pretrained_path, self.cfg.device)
-        return TrainingTranscoder(copy.deepcopy(self.cfg.sae))
+        # A deep copy: the configs must not share one metadata object.
+        layer_cfg = replace(copy.deepcopy(self.cfg.sae), mlp_layer=layer, mlp_layers=None, hook_name_out=self.hooks[layer][1])
+        # Seeded per layer: a layer's transcoder starts the same alone or in a set.
+        with temporary_seed(self.cfg.seed + layer):
+            return TrainingTranscoder(layer_cfg)
 
     def _set_sae_metadata(self) -> None:
-        super()._set_sae_metadata()
-        metadata = self.sae.cfg.metadata
-        # SAELens's runner records only the input hook; Transcoder loading needs both.
-        metadata.hook_name_out = self.cfg.sae.hook_name_out
-        # SAELens's config adds center_writing_weights=False to every HookedTransformer's
-        # kwargs; recorded, it makes each load of the transcoder warn about loading kwargs.
-        kwargs = dict(metadata.model_from_pretrained_kwargs or {})
-        if kwargs.get("center_writing_weights") is False:
-            del kwargs["center_writing_weights"]
-        metadata.model_from_pretrained_kwargs = kwargs or None
+        for layer, transcoder in self.transcoders.items():
+            self.sae = transcoder  # SAELens writes the run's metadata on self.sae
+            super()._set_sae_metadata()
+            metadata = transcoder.cfg.metadata
+            # SAELens records the runner's one input hook; Transcoder loading needs both.
+            metadata.hook_name, metadata.hook_name_out = self.hooks[layer]
+            # SAELens's config adds center_writing_weights=False to every HookedTransformer's
+            # kwargs; recorded, it makes each load of the transcoder warn about loading kwargs.
+            kwargs = dict(metadata.model_from_pretrained_kwargs or {})
+            if kwargs.get("center_writing_weights") is False:
+                del kwargs["center_writing_weights"]
+            metadata.model_from_pretrained_kwargs = kwargs or None
+            # Loaders refuse what a newer plugin wrote (checkpoints included); record ours.
+            metadata[PLUGIN_VERSION_KEY] = __version__
+        self.sae = next(iter(self.transcoders.values()))
 
     def save_checkpoint(self, checkpoint_path: Path | None) -> None:
-        # Called last by SAETrainer.save_checkpoint, after weights and trainer state.
+        # Called last by MultiSAETrainer.save_checkpoint, after every transcoder's files.
         if checkpoint_path is None:
             return
         super().save_checkpoint(checkpoint_path)
         assert self.data_position is not None and self.trainer is not None
         self.activations_store.save_stream_state(self.data_position.state, checkpoint_path)
-        scale = self.trainer.activation_scaler.scaling_factor
-        if scale is not None:
-            write_inference_view(self.sae, scale, Path(checkpoint_path))
+        for name, trainer in self.trainer.trainers.items():
+            scale = trainer.activation_scaler.scaling_factor
+            if scale is not None:
+                write_inference_view(trainer.sae, scale, Path(checkpoint_path) / name)
         marker = Path(checkpoint_path) / CHECKPOINT_COMPLETE_FILENAME
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps({"complete": True}))
         os.replace(tmp, marker)
 
-    def save_final_sae(
-        self,
-        sae: TrainingSAE[Any],
-        output_path: str,
-        log_feature_sparsity: Any = None,
-    ) -> None:
-        # A directory may have appeared at output_path while training ran.
-        check_output_path(output_path, self.overwrite_output)
+    def save_final_outputs(self, output_path: str) -> None:
+        """The transcoder at ``output_path``, or a set there (one directory per layer, a
+        manifest, circuit-tracer's files when every layer from 0 is covered)."""
+        assert self.trainer is not None
+        sparsity = {layer: self.trainer.trainers[trainer_name(layer)].log_feature_sparsity for layer in self.layers}
+        if not self.is_set:
+            self.save_final_sae(self.sae, output_path, sparsity[self.layers[0]])
+            return
+
+        def fill(partial: Path) -> None:
+            write_transcoder_set(PerLayerTranscoders(list(self.transcoders.values())), partial, self.cfg.model_name)
+            for layer, transcoder in self.transcoders.items():
+                self._write_transcoder(transcoder, partial / layer_dir(layer), sparsity[layer])
+
+        self._save_atomically(output_path, fill)
+
+    def save_final_sae(self, sae: TrainingSAE[Any], output_path: str, log_feature_sparsity: Any = None) -> None:
+        """One transcoder at ``output_path``, as SAELens's runner writes it."""
+        self._save_atomically(output_path, lambda partial: self._write_transcoder(sae, partial, log_feature_sparsity))
+
+    def _write_transcoder(self, sae: TrainingSAE[Any], directory: Path, log_feature_sparsity: Any) -> None:
         # Loaders refuse what a newer plugin wrote; record which one this is.
         sae.cfg.metadata[PLUGIN_VERSION_KEY] = __version__
-        # A crash never leaves a half-written transcoder where SAE.load_from_disk would read it.
-        save = super().save_final_sae
+        super().save_final_sae(sae, str(directory), log_feature_sparsity)
+
+    def _save_atomically(self, output_path: str, fill: Callable[[Path], None]) -> None:
+        """Complete or not at all: a crash never leaves a half-written transcoder to load."""
+        # A directory may have appeared at output_path while training ran.
+        check_output_path(output_path, self.overwrite_output)
         try:
-            replace_dir_atomically(Path(output_path), lambda partial: save(sae, str(partial), log_feature_sparsity))
+            replace_dir_atomically(Path(output_path), fill)
         except OSError as e:
             raise OSError(
                 e.errno, f"could not save the transcoder to {output_path!r} ({e.strerror or e}); nothing there was changed"

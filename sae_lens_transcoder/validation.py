@@ -37,6 +37,7 @@ from transformer_lens import HookedTransformer
 from sae_lens_transcoder._version import __version__
 from sae_lens_transcoder.data import resolve_dataset_path
 from sae_lens_transcoder.hooks import ensure_mlp_hook_in, hook_layer, mlp_out_hook, probe_hooks
+from sae_lens_transcoder.layer_spec import parse_mlp_layers
 from sae_lens_transcoder.replacement import Splice
 from sae_lens_transcoder.saes.transcoder import TrainingTranscoderConfig
 
@@ -214,8 +215,21 @@ def _fit_mixing_buffer(cfg: LanguageModelSAERunnerConfig[Any]) -> None:
 
 
 def _resolve_hooks(cfg: LanguageModelSAERunnerConfig[Any]) -> None:
-    """``sae.mlp_layer`` or ``hook_name`` picks the layer; ``sae.hook_name_out`` defaults to its MLP output."""
+    """``sae.mlp_layers`` (a set), ``sae.mlp_layer`` or ``hook_name`` picks the layers;
+    ``sae.hook_name_out`` defaults to the MLP output of a single layer."""
     sae = cfg.sae
+    if sae.mlp_layers is not None:
+        parse_mlp_layers(sae.mlp_layers)  # the format; the model bounds it later
+        given = [name for name, value in (("sae.mlp_layer", sae.mlp_layer), ("sae.hook_name_out", sae.hook_name_out))
+                 if value is not None]
+        if cfg.hook_name != SAE_LENS_DEFAULT_HOOK:
+            given.insert(0, "hook_name")
+        if given:
+            raise ValueError(
+                f"sae.mlp_layers={sae.mlp_layers!r} picks each layer's MLP input and output hooks; "
+                f"{' and '.join(given)} cannot be given with it. Remove {' and '.join(given)}."
+            )
+        return
     if sae.mlp_layer is not None:
         if cfg.hook_name != SAE_LENS_DEFAULT_HOOK and hook_layer(cfg.hook_name) != sae.mlp_layer:
             raise ValueError(
@@ -281,15 +295,29 @@ def _check_saved_sae_for_training(cfg: LanguageModelSAERunnerConfig[Any], field:
     path = Path(value)
     if not path.is_dir():
         raise FileNotFoundError(f"{field}={value!r} is not a directory: give the checkpoint directory to continue from.")
-    saved = read_sae_cfg(path, field)
-    architecture = saved.get("architecture")
-    if architecture != cfg.sae.architecture():
-        raise ValueError(
-            f"{field}={value!r} holds a {architecture!r} SAE, but this run trains "
-            f"sae.architecture={cfg.sae.architecture()!r}: continue from a transcoder run's "
-            f"checkpoint, or remove {field}."
+    for directory in _saved_sae_dirs(path, field):
+        saved = read_sae_cfg(directory, field)
+        architecture = saved.get("architecture")
+        if architecture != cfg.sae.architecture():
+            raise ValueError(
+                f"{field}={value!r} holds a {architecture!r} SAE, but this run trains "
+                f"sae.architecture={cfg.sae.architecture()!r}: continue from a transcoder run's "
+                f"checkpoint, or remove {field}."
+            )
+        check_plugin_version(saved, directory / SAE_CFG_FILENAME)
+
+
+def _saved_sae_dirs(path: Path, field: str) -> list[Path]:
+    """A checkpoint holds one ``layer_<i>`` directory per transcoder; a pretrained SAE is one."""
+    if field != "resume_from_checkpoint":
+        return [path]
+    layers = sorted(p for p in path.iterdir() if p.is_dir() and p.name.startswith("layer_"))
+    if not layers:
+        raise FileNotFoundError(
+            f"{field}={str(path)!r} holds no layer_<i> directory: it is not a checkpoint written by "
+            "this plugin's runner. Give a directory under the run's checkpoint_path."
         )
-    check_plugin_version(saved, path / SAE_CFG_FILENAME)
+    return layers
 
 
 # ---------------------------------------------------------------------------- the loaded model
@@ -308,6 +336,8 @@ def _configured_layers(cfg: LanguageModelSAERunnerConfig[Any]) -> Iterator[tuple
 def validate_runner_model(cfg: LanguageModelSAERunnerConfig[Any], model: HookedTransformer) -> None:
     """Checks that need the model, run before its hooks are probed or any data is read."""
     n_layers = model.cfg.n_layers
+    if cfg.sae.mlp_layers is not None:
+        parse_mlp_layers(cfg.sae.mlp_layers, n_layers)
     for field, layer in _configured_layers(cfg):
         if not 0 <= layer < n_layers:
             raise ValueError(

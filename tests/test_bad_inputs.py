@@ -114,6 +114,13 @@ def gpt2() -> HookedTransformer:
     return build_model("gpt2")
 
 
+def nan_model() -> HookedTransformer:
+    model = build_model("gpt2")
+    with torch.no_grad():
+        model.blocks[0].mlp.W_out.fill_(float("nan"))
+    return model
+
+
 TRAIN = ["train", "--architecture", "transcoder", "--model_name", "tiny-gpt2", "--dataset_path", "embedded",
          "--is_dataset_tokenized", "False", "--mlp_layer", "1", "--d_in", "128", "--d_sae", "64",
          "--training_tokens", "4096", "--train_batch_size_tokens", "512", "--context_size", "64",
@@ -257,14 +264,14 @@ def tiny_model() -> HookedTransformer:
 
 
 def checkpoint_dir(env: Env, cfg_json: dict[str, Any]) -> None:
-    path = env.path("ck", "4096")
+    path = env.path("ck", "4096", "layer_1")  # a checkpoint holds one directory per transcoder
     path.mkdir(parents=True)
     (path / "cfg.json").write_text(json.dumps(cfg_json))
-    (path / CHECKPOINT_COMPLETE_FILENAME).write_text("{}")
+    env.path("ck", "4096", CHECKPOINT_COMPLETE_FILENAME).write_text("{}")
 
 
 def standard_checkpoint(env: Env) -> None:
-    StandardTrainingSAE(StandardTrainingSAEConfig(d_in=D_MODEL, d_sae=128)).save_model(env.path("ck", "4096"))
+    StandardTrainingSAE(StandardTrainingSAEConfig(d_in=D_MODEL, d_sae=128)).save_model(env.path("ck", "4096", "layer_1"))
     env.path("ck", "4096", CHECKPOINT_COMPLETE_FILENAME).write_text("{}")
 
 
@@ -512,6 +519,19 @@ CASES: list[Case] = [
     case("resume-from-standard-sae", _py_cfg(resume_from_checkpoint="ck/4096"), ValueError, "holds a 'standard' SAE",
          "sae.architecture='transcoder'", setup=standard_checkpoint),
     case("resume-from-missing-dir", _py_cfg(resume_from_checkpoint="ck/4096"), FileNotFoundError, "is not a directory"),
+    case("resume-from-a-transcoder-not-a-checkpoint", _py_cfg(resume_from_checkpoint="tc1"), FileNotFoundError,
+         "holds no layer_<i> directory", setup=lambda env: save_transcoder(env.path("tc1"))),
+    # 6. non-finite activations and transcoder sets
+    case("model-with-nan-weights", _py_cfg(model=nan_model), ValueError, "not finite (NaN/inf)", "blocks.1", stage="model"),
+    case("set-with-hook-name", _py_cfg(model=gpt2, hook_name="blocks.1.mlp.hook_in", sae={"mlp_layer": None, "mlp_layers": "0-1"}),
+         ValueError, "hook_name cannot be given with it"),
+    case("set-with-mlp-layer", _py_cfg(model=gpt2, sae={"mlp_layers": "0-1"}), ValueError, "sae.mlp_layer cannot be given"),
+    case("set-layers-not-parsable", _py_cfg(model=gpt2, sae={"mlp_layer": None, "mlp_layers": "0-one"}), ValueError,
+         "'0-one' is not a layer or a range"),
+    case("set-layers-beyond-model", _py_cfg(model=gpt2, sae={"mlp_layer": None, "mlp_layers": "0-9"}), ValueError,
+         "the model has 2 layers", stage="model"),
+    case("set-layers-beyond-model-cli", cli_main(*[a for a in TRAIN if a not in ("--mlp_layer", "1")], "--mlp_layers", "0-5"),
+         SystemExit, "the model has 2 layers", stage="model"),
 ]
 
 

@@ -93,15 +93,16 @@ def test_wandb_offline_records_transcoder_metrics(tmp_path: Path, monkeypatch: p
     TranscoderTrainingRunner(cfg, override_model=build_model("gpt2"), override_dataset=token_dataset).run()
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     rows = history_rows(run_file)
-    train = [r for r in rows if "metrics/explained_variance" in r]
-    evals = [r for r in rows if "eval/ce_loss_spliced" in r]
+    # Keys carry the transcoder's name (a single run is a set of one: MLP 1).
+    train = [r for r in rows if "layer_1/metrics/explained_variance" in r]
+    evals = [r for r in rows if "layer_1/eval/ce_loss_spliced" in r]
     assert len(train) >= 5 and len(evals) >= 3
-    assert train[-1]["losses/mse_loss"] < 0.5 * train[0]["losses/mse_loss"]
-    assert train[-1]["metrics/explained_variance"] > 0.5 > train[0]["metrics/explained_variance"]
+    assert train[-1]["layer_1/losses/mse_loss"] < 0.5 * train[0]["layer_1/losses/mse_loss"]
+    assert train[-1]["layer_1/metrics/explained_variance"] > 0.5 > train[0]["layer_1/metrics/explained_variance"]
     # Logged EV is against the MLP output: it agrees with the spliced eval's EV vs hook_mlp_out.
-    assert abs(evals[-1]["eval/explained_variance"] - train[-1]["metrics/explained_variance"]) < 0.15
-    for key in ("eval/kl_div", "eval/ce_loss_recovered", "eval/l0", "eval/ce_loss_zero_ablation"):
-        assert key in evals[-1]
+    assert abs(evals[-1]["layer_1/eval/explained_variance"] - train[-1]["layer_1/metrics/explained_variance"]) < 0.15
+    for key in ("kl_div", "ce_loss_recovered", "l0", "ce_loss_zero_ablation"):
+        assert f"layer_1/eval/{key}" in evals[-1]
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)

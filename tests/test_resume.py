@@ -28,6 +28,7 @@ from tests.conftest import D_MODEL, build_model
 MakeConfig = Callable[..., LanguageModelSAERunnerConfig[TrainingTranscoderConfig]]
 BATCH = 256
 N_STEPS = 40
+LAYER = "layer_1"  # the transcoder's directory in a checkpoint (conftest trains MLP 1)
 
 
 def _config(make: MakeConfig, tmp_path: Path, name: str, **overrides: Any) -> LanguageModelSAERunnerConfig[Any]:
@@ -91,17 +92,20 @@ def test_resume_from_every_checkpoint_ends_bit_identical(
         _assert_same_weights(resumed.sae, full.sae)
         assert resumed.trainer is not None and full.trainer is not None
         assert resumed.trainer.n_training_steps == full.trainer.n_training_steps == N_STEPS
-        assert torch.equal(resumed.trainer.n_forward_passes_since_fired, full.trainer.n_forward_passes_since_fired)
+        assert torch.equal(
+            resumed.trainer.trainers[LAYER].n_forward_passes_since_fired, full.trainer.trainers[LAYER].n_forward_passes_since_fired
+        )
         # Only the checkpoints still ahead are written, under the same names.
         later = [p.name for p in checkpoints if int(p.name) > int(checkpoint.name)]
         assert [p.name for p in _checkpoints(resumed.cfg)] == later
         for theirs in later:
-            ours = Path(resumed.cfg.checkpoint_path) / theirs  # type: ignore[arg-type]
+            ours = Path(resumed.cfg.checkpoint_path) / theirs / LAYER  # type: ignore[arg-type]
             mine = load_file(ours / "sae_weights.safetensors")
-            for key, value in load_file(Path(full.cfg.checkpoint_path) / theirs / "sae_weights.safetensors").items():  # type: ignore[arg-type]
+            for key, value in load_file(Path(full.cfg.checkpoint_path) / theirs / LAYER / "sae_weights.safetensors").items():  # type: ignore[arg-type]
                 assert torch.equal(mine[key], value)
             state = torch.load(ours / "trainer_state.pt")
             assert state["n_training_samples"] == int(theirs)
+            assert (ours.parent / CHECKPOINT_COMPLETE_FILENAME).is_file()
 
 
 class _SignalAt(TrainingTranscoder):
@@ -122,7 +126,7 @@ def test_signal_mid_step_stops_after_it_and_resume_is_bit_identical(
 ) -> None:
     full = _train(_config(make_runner_config, tmp_path, "full", n_checkpoints=0), dataset)
     cfg = _config(make_runner_config, tmp_path, "stopped", n_checkpoints=0)
-    with temporary_seed(cfg.seed):  # the initial weights the runner draws for the full run
+    with temporary_seed(cfg.seed + 1):  # the initial weights the runner draws for layer 1
         stopping = _SignalAt(cfg.sae)
     stopping.signal_number = signal_number
     with pytest.raises(TrainingInterrupted) as stopped:
@@ -158,7 +162,7 @@ def test_scaled_checkpoints_load_in_plain_sae_lens_as_the_function_trained(
     x = torch.randn(16, D_MODEL) * 3
     torch.save(x, tmp_path / "x.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    for checkpoint in _checkpoints(cfg):
+    for checkpoint in (p / LAYER for p in _checkpoints(cfg)):
         assert json.loads((checkpoint / "cfg.json").read_text())["normalize_activations"] == "none"
         scale = json.loads((checkpoint / "activation_scaler.json").read_text())["scaling_factor"]
         assert scale is not None and abs(scale - 1) > 0.05

@@ -94,12 +94,17 @@ def test_scaling_factor_folds_exactly_into_saved_weights(tmp_path: Path) -> None
         torch.testing.assert_close(loaded(x) * scale, scaled_out, rtol=1e-5, atol=1e-5)
 
 
-def test_half_written_checkpoint_is_refused(make_runner_config: MakeConfig, tmp_path: Path) -> None:
-    broken = tmp_path / "4096"
-    broken.mkdir()
-    (broken / "cfg.json").write_text("{}")
+def test_half_written_checkpoint_is_refused(
+    make_runner_config: MakeConfig, gpt2_model: HookedTransformer, token_dataset: Any, tmp_path: Path
+) -> None:
+    cfg = make_runner_config(training_tokens=CONTEXT * 40, n_checkpoints=1, checkpoint_path=str(tmp_path / "ck"))
+    TranscoderTrainingRunner(cfg, override_model=gpt2_model, override_dataset=token_dataset).run()
+    (checkpoint,) = Path(cfg.checkpoint_path).iterdir()  # type: ignore[arg-type]
+    (checkpoint / CHECKPOINT_COMPLETE_FILENAME).unlink()  # as if killed while writing it
     with pytest.raises(ValueError, match="not a complete checkpoint"):
-        TranscoderTrainingRunner(make_runner_config(resume_from_checkpoint=str(broken)))
+        TranscoderTrainingRunner(
+            make_runner_config(resume_from_checkpoint=str(checkpoint)), override_model=gpt2_model, override_dataset=token_dataset
+        )
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
@@ -158,5 +163,5 @@ def test_prefetch_and_periodic_checkpoints(
     assert len(checkpoints) == 2
     for checkpoint in checkpoints:
         assert (checkpoint / CHECKPOINT_COMPLETE_FILENAME).is_file()
-        assert isinstance(SAE.load_from_disk(checkpoint), SAE)
+        assert isinstance(SAE.load_from_disk(checkpoint / "layer_1"), SAE)
     assert isinstance(SAE.load_from_disk(tmp_path / "out"), Transcoder)

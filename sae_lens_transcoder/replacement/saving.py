@@ -60,7 +60,28 @@ def save_transcoder_set(
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
         raise FileExistsError(f"{out_dir} exists and is not an empty directory (pass overwrite=True).")
+    replace_dir_atomically(
+        out_dir, lambda tmp: write_transcoder_set(replacement, tmp, model_name, circuit_tracer=circuit_tracer, scan_name=out_dir.name)
+    )
+    return out_dir
+
+
+def write_transcoder_set(
+    replacement: PerLayerTranscoders,
+    directory: Path,
+    model_name: str | None = None,
+    *,
+    circuit_tracer: bool | None = None,
+    scan_name: str | None = None,
+) -> None:
+    """The files of ``save_transcoder_set`` into the (new, empty) ``directory``.
+
+    ``circuit_tracer=None`` writes circuit-tracer's files when the set covers layers
+    ``0..max`` (circuit-tracer reads only complete sets).
+    """
     layers = sorted(replacement.layers)
+    if circuit_tracer is None:
+        circuit_tracer = layers == list(range(layers[-1] + 1))
     name = model_name or replacement.transcoder(layers[0]).cfg.metadata.model_name
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -70,18 +91,14 @@ def save_transcoder_set(
         "batch_layout": [list(entry) for entry in replacement.batch_layout],
         "circuit_tracer": circuit_tracer,
     }
-
-    def fill(tmp: Path) -> None:
-        for layer in layers:
-            model_units_sae(replacement, layer).save_model(tmp / layer_dir(layer))
-        if circuit_tracer:
-            if not name:
-                raise ValueError("model_name is needed for the circuit-tracer config (none in the metadata).")
-            staged = export_circuit_tracer(replacement, tmp / _CIRCUIT_TRACER_TMP, name, scan=f"{name.split('/')[-1]}/{out_dir.name}")
-            for file in staged.iterdir():
-                file.rename(tmp / file.name)
-            shutil.rmtree(staged)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-
-    replace_dir_atomically(out_dir, fill)
-    return out_dir
+    for layer in layers:
+        model_units_sae(replacement, layer).save_model(directory / layer_dir(layer))
+    if circuit_tracer:
+        if not name:
+            raise ValueError("model_name is needed for the circuit-tracer config (none in the metadata).")
+        scan = f"{name.split('/')[-1]}/{scan_name or directory.name}"
+        staged = export_circuit_tracer(replacement, directory / _CIRCUIT_TRACER_TMP, name, scan=scan)
+        for file in staged.iterdir():
+            file.rename(directory / file.name)
+        shutil.rmtree(staged)
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))

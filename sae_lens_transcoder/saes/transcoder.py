@@ -30,7 +30,9 @@ class TrainingTranscoderConfig(StandardTrainingSAEConfig):
 
     ``d_out`` defaults to ``d_in`` (MLPs write back to the residual stream they read).
     ``hook_name_out`` defaults to ``blocks.{layer}.hook_mlp_out`` of the runner's
-    input hook. ``mlp_layer`` alone picks both hooks for that layer's MLP.
+    input hook. ``mlp_layer`` alone picks both hooks for that layer's MLP; ``mlp_layers``
+    (``[0, 1, 2]``, ``"0-29"`` or ``"all"``) trains one transcoder per listed MLP, from one
+    forward pass, each with this config.
     ``b_dec_init="mean"`` sets the output bias to the first batch's mean MLP output, as
     the paper did; it is skipped whenever weights are loaded (resume, fine-tuning). ``allow_inexact_mlp_input`` opts into an input hook that is not
     exactly what the MLP reads (e.g. ``hook_resid_mid``, as the paper's code allowed).
@@ -40,6 +42,7 @@ class TrainingTranscoderConfig(StandardTrainingSAEConfig):
     d_out: int | None = None
     hook_name_out: str | None = None
     mlp_layer: int | None = None
+    mlp_layers: str | None = None
     allow_inexact_mlp_input: bool = False
     b_dec_init: Literal["mean", "zeros"] = "mean"
 
@@ -69,6 +72,9 @@ class TrainingTranscoderConfig(StandardTrainingSAEConfig):
             )
         if self.b_dec_init not in ("mean", "zeros"):
             raise ValueError(f"sae.b_dec_init must be 'mean' or 'zeros'; got {self.b_dec_init!r}.")
+        if isinstance(self.mlp_layers, (list, tuple)):
+            # YAML/JSON give a list; the CLI (and so this field's type) a string.
+            self.mlp_layers = ",".join(str(layer) for layer in self.mlp_layers)
         if self.d_out is None:
             self.d_out = self.d_in
         if self.d_in <= 0 or self.d_sae <= 0 or self.d_out <= 0:

@@ -54,10 +54,11 @@ class TranscoderActivationsStore(ActivationsStore):
         cls,
         model: HookedRootModule,
         cfg: LanguageModelSAERunnerConfig[TrainingTranscoderConfig],
+        layout: list[tuple[str, int]],
         override_dataset: HfDataset | None = None,
     ) -> "TranscoderActivationsStore":
+        """A store packing the hooks of ``layout`` (name, width), in that order, per token."""
         sae = cfg.sae
-        assert sae.hook_name_out is not None and sae.d_out is not None
         assert cfg.act_store_device is not None  # set in cfg.__post_init__
         store_kwargs: dict[str, Any] = dict(
             streaming=cfg.streaming,
@@ -85,18 +86,14 @@ class TranscoderActivationsStore(ActivationsStore):
         store = cls.from_config_multi_hook(
             model,
             dataset=override_dataset or resolve_dataset_path(cfg.dataset_path),
-            hook_names=[cfg.hook_name, sae.hook_name_out],
-            hook_d_ins={cfg.hook_name: sae.d_in, sae.hook_name_out: sae.d_out},
+            hook_names=[hook for hook, _ in layout],
+            hook_d_ins=dict(layout),
             **store_kwargs,
         )
         assert isinstance(store, cls)
         store.shuffle_seed = cfg.seed
         store._dataset_name = cfg.dataset_path
         return store
-
-    @property
-    def hook_name_out(self) -> str:
-        return multi_hook_names(self)[1]
 
     def _draw_tokens(self) -> torch.Tensor:
         """One LLM batch of token sequences, starting a new epoch at the dataset's end as
@@ -151,7 +148,7 @@ class TranscoderActivationsStore(ActivationsStore):
         return iter(self.shuffle_buffer)
 
     def get_data_loader(self) -> Iterator[torch.Tensor]:
-        # The trainer takes one tensor per step; input and target side by side.
+        # One tensor per step: the hooks of the layout side by side.
         for batch, state in self.batches_with_state():
             self.last_state = state
             yield batch

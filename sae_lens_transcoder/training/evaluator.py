@@ -1,4 +1,4 @@
-"""In-training evaluator: the spliced evaluation of ``sae_lens_transcoder.evals``."""
+"""In-training evaluator: the spliced evaluation of ``sae_lens_transcoder.evals``, per transcoder and all at once."""
 
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -7,13 +7,12 @@ from itertools import islice
 from typing import Any
 
 import torch
+from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.activation_scaler import ActivationScaler
-from sae_lens.training.types import DataProvider
 from transformer_lens import HookedTransformer
 
 from sae_lens_transcoder._sae_lens_privates import fresh_token_sequences
 from sae_lens_transcoder.evals import evaluate_spliced
-from sae_lens_transcoder.saes.transcoder import TrainingTranscoder
 from sae_lens_transcoder.splicing import Splice
 from sae_lens_transcoder.training.activations_store import TranscoderActivationsStore
 
@@ -37,39 +36,43 @@ LOGGED_KEYS = (
 
 
 @dataclass
-class TranscoderEvaluator:
-    """Called by ``SAETrainer`` like SAELens's ``LLMSaeEvaluator``, with the same signature."""
+class TranscoderSetEvaluator:
+    """Called by ``MultiSAETrainer`` like SAELens's ``MultiSAEEvaluator``: every transcoder
+    spliced alone and, for a set, all at once (the MLPs replaced together)."""
 
     model: HookedTransformer
     activations_store: TranscoderActivationsStore
-    hook_name: str
-    hook_name_out: str
     n_eval_batches: int
     eval_batch_size_prompts: int | None
 
     def __call__(
         self,
-        sae: TrainingTranscoder,
-        data_provider: DataProvider,
-        activation_scaler: ActivationScaler,
+        saes: dict[str, TrainingSAE[Any]],
+        data_provider: Any,
+        activation_scalers: dict[str, ActivationScaler],
+        hook_names: dict[str, str],  # noqa: ARG002  (hooks come from each transcoder's metadata)
     ) -> dict[str, Any]:
         # The model must not run for the prefetch thread while the splice hooks are on it.
         pause = getattr(data_provider, "paused", None)
+        splices = {
+            name: Splice.from_sae(sae, input_scale=activation_scalers[name].scaling_factor or 1.0)
+            for name, sae in saes.items()
+        }
+        groups = {name: [splice] for name, splice in splices.items()}
+        if len(splices) > 1:
+            groups["all"] = list(splices.values())
+        out: dict[str, Any] = {}
         with pause() if pause is not None else nullcontext():
-            splice = Splice(
-                sae,
-                self.hook_name,
-                self.hook_name_out,
-                input_scale=activation_scaler.scaling_factor or 1.0,
-            )
-            metrics = evaluate_spliced(
-                self.model,
-                [splice],
-                self.tokens,
-                exclude_special_tokens=self.activations_store.exclude_special_tokens,
-                batch_size=self.eval_batch_size_prompts or self.activations_store.store_batch_size_prompts,
-            )
-        return {f"eval/{key}": metrics[key] for key in LOGGED_KEYS}
+            for group, members in groups.items():
+                metrics = evaluate_spliced(
+                    self.model,
+                    members,
+                    self.tokens,
+                    exclude_special_tokens=self.activations_store.exclude_special_tokens,
+                    batch_size=self.eval_batch_size_prompts or self.activations_store.store_batch_size_prompts,
+                )
+                out |= {f"{group}/eval/{key}": metrics[key] for key in LOGGED_KEYS}
+        return out
 
     @cached_property
     def tokens(self) -> torch.Tensor:

@@ -10,8 +10,11 @@ batch an immutable :class:`StreamState` of everything needed to continue from th
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -124,18 +127,25 @@ class ShuffleBuffer:
             yield batch, self.state()
 
 
-class TrackedBatches(Iterator[torch.Tensor]):
+class TrackedBatches(Iterator[T]):
     """The trainer's data provider: batches from ``(batch, state)`` pairs, remembering the
     state after the last batch handed out. A prefetching source runs ahead of the trainer;
-    this is the position a checkpoint must record."""
+    this is the position a checkpoint must record. ``split`` turns each packed batch into what
+    the trainer takes (e.g. one slice per transcoder)."""
 
-    def __init__(self, source: Iterator[tuple[torch.Tensor, StreamState]], start: StreamState):
+    def __init__(
+        self,
+        source: Iterator[tuple[torch.Tensor, StreamState]],
+        start: StreamState,
+        split: Callable[[torch.Tensor], T],
+    ):
         self.source = source
         self.state = start
+        self.split = split
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> T:
         batch, self.state = next(self.source)
-        return batch
+        return self.split(batch)
 
     def paused(self) -> AbstractContextManager[None]:
         """Stop a prefetching source while the model is used for something else (evals)."""

@@ -1,0 +1,94 @@
+"""SAELens's ``MultiSAETrainer`` for a transcoder set: N transcoders in lockstep on one
+activation stream, exact to stop and resume. A single transcoder is the set of one.
+
+Each transcoder keeps its own :class:`TranscoderTrainer` (optimizer, schedules, scaler,
+dead-feature counters); the coordinator adds what ``TranscoderTrainer`` adds to one run:
+stop requests honoured between steps after a checkpoint, resumed checkpoint thresholds,
+checkpoint directories that appear whole, and progress from the first step.
+"""
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from sae_lens.saes.sae import TrainingSAE, TrainStepOutput
+from sae_lens.training.multi_sae_trainer import MultiSAETrainer
+
+from sae_lens_transcoder.training.trainer import TrainingInterrupted, TranscoderTrainer
+
+
+class TranscoderSetTrainer(MultiSAETrainer):
+    """``MultiSAETrainer`` whose per-transcoder trainers are :class:`TranscoderTrainer`."""
+
+    trainers: dict[str, TranscoderTrainer]  # type: ignore[assignment]
+
+    def __init__(self, *args: Any, stop_requested: Callable[[], int | None] = lambda: None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.stop_requested = stop_requested
+        # MultiSAETrainer builds plain SAETrainers inline (no trainer seam): rebuild them as
+        # ours with the same per-transcoder config it gave them.
+        per_sae_cfg = replace(self.cfg, n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False)
+        self.trainers = {
+            name: TranscoderTrainer(cfg=per_sae_cfg, sae=sae, data_provider=iter(()))
+            for name, sae in self.saes.items()
+        }
+
+    @property
+    def transcoders(self) -> dict[str, TrainingSAE[Any]]:
+        return self.saes
+
+    def _maybe_log_sparsity(self, final: bool = False) -> None:
+        # Overrides a private: it runs first in every iteration of fit, between two steps.
+        signal_number = None if final else self.stop_requested()
+        if signal_number is not None:
+            self._stop(signal_number)
+        super()._maybe_log_sparsity(final)
+
+    def _stop(self, signal_number: int) -> None:
+        checkpoint = None
+        if self.cfg.checkpoint_path is not None:
+            self.save_checkpoint(checkpoint_name=str(self.n_training_samples))
+            checkpoint = Path(self.cfg.checkpoint_path) / str(self.n_training_samples)
+            how = f"resume with --resume_from_checkpoint {checkpoint}"
+        else:
+            how = "no checkpoint was saved (checkpoint_path is None)"
+        raise TrainingInterrupted(
+            f"training stopped by signal {signal_number} after {self.n_training_steps} steps "
+            f"({self.n_training_samples:,} tokens); {how}.",
+            checkpoint,
+            signal_number,
+        )
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        super().load_checkpoint(path)
+        # Thresholds already passed were checkpointed by the run being resumed.
+        self.checkpoint_thresholds = [t for t in self.checkpoint_thresholds if t >= self.n_training_samples]
+
+    def save_checkpoint(self, checkpoint_name: str, wandb_aliases: list[str] | None = None) -> None:
+        if self.cfg.checkpoint_path is None:
+            super().save_checkpoint(checkpoint_name, wandb_aliases)
+            return
+        base = Path(self.cfg.checkpoint_path)
+        base.mkdir(parents=True, exist_ok=True)
+        target = base / checkpoint_name
+        if target.exists():
+            return  # written at this very state already (a periodic checkpoint, then a stop)
+        partial = Path(tempfile.mkdtemp(prefix=f".{checkpoint_name}.", suffix=".partial", dir=base))
+        try:
+            super().save_checkpoint(partial.name, wandb_aliases)
+            os.chmod(partial, 0o755)
+            os.rename(partial, target)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+
+    def _update_pbar(self, step_outputs: dict[str, TrainStepOutput], pbar: Any, update_interval: int = 100) -> None:
+        # Overrides a private: SAELens moves the bar only every 100 steps (minutes at 0 on
+        # CPU) and starts a resumed run's bar at 0; show the tokens trained so far instead.
+        pbar.update(self.n_training_samples - pbar.n)
+        if self.n_training_steps % update_interval == 1 or update_interval == 1:
+            losses = " | ".join(f"{name}: {out.loss.item():.4f}" for name, out in step_outputs.items())
+            pbar.set_description(f"{self.n_training_steps}| {losses}", refresh=False)
