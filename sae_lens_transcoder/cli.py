@@ -21,7 +21,7 @@ from sae_lens_transcoder.config_io import runner_config_from_args
 from sae_lens_transcoder.evals import evaluate_spliced
 from sae_lens_transcoder.export.circuit_tracer import export_circuit_tracer
 from sae_lens_transcoder.llm_transcoder_training_runner import TranscoderTrainingRunner
-from sae_lens_transcoder.loading import load_model_for, load_transcoder
+from sae_lens_transcoder.loading import load_model_for, load_transcoders
 from sae_lens_transcoder.plots import plot_feature_density
 from sae_lens_transcoder.report import format_table, heldout_tokens, load_heldout_split
 from sae_lens_transcoder.splicing import as_splices
@@ -119,14 +119,14 @@ def evaluate(argv: Sequence[str]) -> dict[str, Any]:
     with exit_on_bad_input("evaluate"):
         check_number("--n-tokens", args.n_tokens, integer=True, minimum=1)
         check_number("--context-size", args.context_size, integer=True, minimum=1, optional=True)
-        transcoders = [load_transcoder(p, args.device) for p in args.paths]
+        names, transcoders = map(list, zip(*load_transcoders(args.paths, args.device)))
         meta = transcoders[0].cfg.metadata
         model_name = args.model or meta.model_name
         dataset_path = args.dataset or meta.dataset_path
         if not model_name or not dataset_path:
             raise ValueError("give --model and --dataset (the transcoder's metadata lacks model_name or dataset_path)")
         model = load_model_for(model_name, meta, args.device)
-        check_splices_fit_model(model, as_splices(transcoders), model_name, labels=args.paths)
+        check_splices_fit_model(model, as_splices(transcoders), model_name, labels=names)
         context = args.context_size or meta.context_size or 128
         if context > model.cfg.n_ctx:
             raise ValueError(f"context size {context} is longer than {model_name!r}'s n_ctx={model.cfg.n_ctx}: pass --context-size {model.cfg.n_ctx}")
@@ -134,7 +134,7 @@ def evaluate(argv: Sequence[str]) -> dict[str, Any]:
         tokens = heldout_tokens(model, load_heldout_split(dataset_path, args.split), context, args.n_tokens, prepend_bos)
     exclude = None if args.keep_special_tokens else get_special_token_ids(model.tokenizer)  # type: ignore[arg-type]
     rows: list[dict[str, Any]] = []
-    for path, tc in zip(args.paths, transcoders):
+    for path, tc in zip(names, transcoders):
         rows.append({"name": path, **evaluate_spliced(model, [tc], tokens, exclude_special_tokens=exclude)})
     if len(transcoders) > 1:
         rows.append({"name": "all replaced", **evaluate_spliced(model, transcoders, tokens, exclude_special_tokens=exclude)})
@@ -166,7 +166,7 @@ def export(argv: Sequence[str]) -> Path:
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
     with exit_on_bad_input("export"):
-        transcoders = [load_transcoder(p) for p in args.paths]
+        transcoders = [tc for _, tc in load_transcoders(args.paths)]
         model_name = args.model_name
         if not model_name:
             names = {tc.cfg.metadata.model_name for tc in transcoders}

@@ -19,6 +19,7 @@ import wandb
 from sae_lens.config import HfDataset, LanguageModelSAERunnerConfig
 from sae_lens.llm_sae_training_runner import LanguageModelSAETrainingRunner
 from sae_lens.load_model import load_model as sae_lens_load_model
+from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.prefetch import PrefetchingIterator
 from sae_lens.util import temporary_seed
@@ -32,7 +33,7 @@ from sae_lens_transcoder.hooks import default_input_hook, hook_layer, mlp_out_ho
 from sae_lens_transcoder.layer_spec import parse_mlp_layers
 from sae_lens_transcoder.replacement import PerLayerTranscoders, Splice
 from sae_lens_transcoder.replacement.saving import layer_dir, write_transcoder_set
-from sae_lens_transcoder.saes.transcoder import TrainingTranscoder, TrainingTranscoderConfig
+from sae_lens_transcoder.saes.transcoder import TrainingTranscoderConfig
 from sae_lens_transcoder.training.activations_store import TranscoderActivationsStore
 from sae_lens_transcoder.training.checkpoint_view import write_inference_view
 from sae_lens_transcoder.training.evaluator import TranscoderSetEvaluator
@@ -258,9 +259,11 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
             return TrainingSAE.load_from_disk(self.cfg.from_pretrained_path, self.cfg.device)
         # A deep copy: the configs must not share one metadata object.
         layer_cfg = replace(copy.deepcopy(self.cfg.sae), mlp_layer=layer, mlp_layers=None, hook_name_out=self.hooks[layer][1])
-        # Seeded per layer: a layer's transcoder starts the same alone or in a set.
+        # Built through SAELens's registry, so another architecture is another class, not a
+        # runner edit; seeded per layer, so a layer's transcoder starts the same alone or in a set.
+        training_class, _ = get_sae_training_class(layer_cfg.architecture())
         with temporary_seed(self.cfg.seed + layer):
-            return TrainingTranscoder(layer_cfg)
+            return training_class(layer_cfg)
 
     def _set_sae_metadata(self) -> None:
         for layer, transcoder in self.transcoders.items():

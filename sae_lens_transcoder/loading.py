@@ -1,6 +1,7 @@
 """Load what the commands are pointed at: transcoders by path or release, models by name."""
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,20 @@ def load_transcoder(spec: str, device: str = "cpu") -> SAE[Any]:
     if not isinstance(sae, Transcoder):
         raise ValueError(f"{spec!r} is a {sae.cfg.architecture()!r} SAE, not a transcoder.")
     return sae
+
+
+def load_transcoders(specs: Sequence[str], device: str = "cpu") -> list[tuple[str, SAE[Any]]]:
+    """``(name, transcoder)`` for each spec; a set directory (our manifest, or a circuit-tracer
+    set) stands for all its layers, so commands take sets where they take transcoders."""
+    loaded: list[tuple[str, SAE[Any]]] = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if (path / MANIFEST_FILE).is_file() or (path / CONFIG_FILE).is_file():
+            replacement = load_transcoder_set(path, device)
+            loaded += [(f"{spec} layer {layer}", replacement.transcoder(layer)) for layer in replacement.layers]
+        else:
+            loaded.append((spec, load_transcoder(spec, device)))
+    return loaded
 
 
 def load_model_for(name: str, metadata: Any, device: str) -> HookedTransformer:

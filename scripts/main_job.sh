@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1
-.venv/bin/sae-lens-transcoder train --config configs/smollm2-135m-layer3.yaml --json output/smollm2-135m-layer3/metrics.json "$@"
+.venv/bin/sae-lens-transcoder train --config configs/smollm2-135m-layer3.yaml --json output/smollm2-135m-layer3.metrics.json "$@"

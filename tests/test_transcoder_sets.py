@@ -1,5 +1,6 @@
 """Transcoder sets: several MLPs trained from one forward pass, saved as a set, resumed exactly."""
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from datasets import Dataset
 from sae_lens import LanguageModelSAERunnerConfig
 
 from sae_lens_transcoder import TrainingTranscoderConfig, TranscoderTrainingRunner
+from sae_lens_transcoder.cli import main
 from sae_lens_transcoder.config_io import runner_config_from_args
 from sae_lens_transcoder.evals import evaluate_spliced
 from sae_lens_transcoder.export.circuit_tracer import load_circuit_tracer_transcoders
@@ -135,3 +137,21 @@ def test_mlp_layers_from_the_command_line_and_yaml(tmp_path: Path) -> None:
     for bad, phrase in (("0-x", "not a layer"), ("3-1", "empty"), ("0-4", "has 2 layers"), ("", "no layer")):
         with pytest.raises(ValueError, match=phrase):
             parse_mlp_layers(bad, 2)
+
+
+def test_cli_trains_a_set_then_evaluates_and_attributes_the_set_directory(tmp_path: Path) -> None:
+    out = tmp_path / "set"
+    main(["train", "--architecture", "transcoder", "--model_name", "tiny-gpt2", "--dataset_path", "embedded",
+          "--is_dataset_tokenized", "False", "--mlp_layers", "0-1", "--d_in", "128", "--d_sae", "128",
+          "--training_tokens", "4096", "--train_batch_size_tokens", "512", "--context_size", "64",
+          "--n_batches_in_buffer", "16", "--log_to_wandb", "False", "--output_path", str(out),
+          "--checkpoint_path", str(tmp_path / "ck"), "--eval-tokens", "0"])
+    assert (out / MANIFEST_FILE).is_file() and (out / "config.yaml").is_file()
+    report = tmp_path / "eval.json"
+    main(["evaluate", str(out), "--n-tokens", "512", "--json", str(report)])
+    rows = json.loads(report.read_text())["rows"]
+    assert [row["name"] for row in rows] == [f"{out} layer 0", f"{out} layer 1", "all replaced"]
+    assert all(row["ce_loss_zero_ablation"] > row["ce_loss_clean"] for row in rows)
+    graph = tmp_path / "graph"
+    main(["attribute", "--transcoders", str(out), "--prompt", "To be, or not to be", "--out", str(graph), "--max-expansions", "8"])
+    assert json.loads((graph / "summary.json").read_text())["root_value"] != 0

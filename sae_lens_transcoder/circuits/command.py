@@ -14,7 +14,7 @@ from sae_lens_transcoder.circuits.graph_plot import format_paths, save_graph_htm
 from sae_lens_transcoder.circuits.paths import find_paths
 from sae_lens_transcoder.circuits.targets import check_feature_flags, resolve_target
 from sae_lens_transcoder.circuits.trace import trace_prompt
-from sae_lens_transcoder.loading import load_model_for, load_transcoder
+from sae_lens_transcoder.loading import load_model_for, load_transcoders
 from sae_lens_transcoder.splicing import as_splices
 from sae_lens_transcoder.validation import check_splices_fit_model, exit_on_bad_input
 
@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 def attribute(argv: Sequence[str]) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     with exit_on_bad_input("attribute"):
-        transcoders = [load_transcoder(p, args.device) for p in args.transcoders]
+        names, transcoders = map(list, zip(*load_transcoders(args.transcoders, args.device)))
         splices = as_splices(transcoders)
         check_feature_flags(args.target, args.layer, args.feature, {s.layer: s.transcoder.cfg.d_sae for s in splices})
         meta = transcoders[0].cfg.metadata
@@ -56,7 +56,7 @@ def attribute(argv: Sequence[str]) -> dict[str, Any]:
         if not model_name:
             raise ValueError("give --model (the transcoders' metadata names no model)")
         model = load_model_for(model_name, meta, args.device)
-        check_splices_fit_model(model, splices, model_name, labels=args.transcoders)
+        check_splices_fit_model(model, splices, model_name, labels=names)
         trace = trace_prompt(model, transcoders, args.prompt)
         root, label = resolve_target(trace, args.target, args.pos, args.token, args.versus, args.layer, args.feature)
     tokens = trace.str_tokens()
