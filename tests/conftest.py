@@ -92,6 +92,7 @@ def runner_config(**overrides: Any) -> LanguageModelSAERunnerConfig[TrainingTran
         checkpoint_path=None,
         output_path=None,
         n_eval_batches=2,
+        n_batches_for_norm_estimate=3,  # SAELens's 1000 would dominate these tiny runs
         eval_batch_size_prompts=4,
         logger=LoggingConfig(log_to_wandb=False),
         verbose=False,

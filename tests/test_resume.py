@@ -227,7 +227,7 @@ def test_cli_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path) -> Non
     assert process.stderr is not None
     deadline = time.monotonic() + 120
     seen = ""
-    while "Training SAE" not in seen and time.monotonic() < deadline:
+    while "Training" not in seen and time.monotonic() < deadline:  # tqdm's bar has started
         seen += process.stderr.read(64)
     time.sleep(1.0)
     process.send_signal(signal.SIGTERM)
