@@ -19,33 +19,19 @@ import time
 from typing import Any
 
 import torch
-from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
+from sae_lens import LanguageModelSAERunnerConfig
+from train_speed import _runner_config as train_speed_config  # the same runner settings
 
 from sae_lens_transcoder import TrainingTranscoderConfig, TranscoderTrainingRunner
 from sae_lens_transcoder.data import load_text_split
+from sae_lens_transcoder.llm_transcoder_training_runner import SAE_LENS_DEFAULT_HOOK
 from sae_lens_transcoder.models import load_model
 from sae_lens_transcoder.training.trainer import TranscoderTrainer
 
 
 def _config(args: argparse.Namespace, d_model: int, **sae: Any) -> LanguageModelSAERunnerConfig[Any]:
-    return LanguageModelSAERunnerConfig(
-        sae=TrainingTranscoderConfig(d_in=d_model, d_sae=args.d_sae, l1_coefficient=1.7, **sae),
-        model_name=args.model,
-        dataset_path="embedded",
-        is_dataset_tokenized=False,
-        streaming=False,
-        context_size=args.context,
-        prepend_bos=True,
-        training_tokens=args.tokens,
-        train_batch_size_tokens=args.batch,
-        store_batch_size_prompts=args.batch // args.context,
-        n_batches_in_buffer=max(8, 2 * args.batch // args.context),
-        n_batches_for_norm_estimate=2,
-        checkpoint_path=None,
-        output_path=None,
-        logger=LoggingConfig(log_to_wandb=False),
-        verbose=False,
-    )
+    sae_cfg = TrainingTranscoderConfig(d_in=d_model, d_sae=args.d_sae, l1_coefficient=1.7, **sae)
+    return train_speed_config(sae_cfg, args, SAE_LENS_DEFAULT_HOOK)
 
 
 def _timed_run(runner: TranscoderTrainingRunner) -> float:
@@ -105,7 +91,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats for the roofline")
+    parser.add_argument("--repeats", type=int, default=10, help="timed repeats for the roofline")
     parser.add_argument("--n", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--one", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)

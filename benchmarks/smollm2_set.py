@@ -1,7 +1,8 @@
 """Every MLP of SmolLM2-135M replaced: one transcoder set, trained from one forward pass per batch.
 
 Trains the set (``sae.mlp_layers``, default all 30) with the main job's recipe
-(configs/smollm2-135m-layer3.yaml; ``--d-sae`` and ``--tokens`` yours), saves it as a set
+(configs/smollm2-135m-layer3.yaml; ``--d-sae`` and ``--tokens`` yours, the warm-ups scaled to
+the budget: lr over 10% of the steps, L1 over 25%), saves it as a set
 directory (one SAELens directory per layer, the manifest and circuit-tracer's files), links
 each layer where ``circuit_tracer_side_by_side.py`` looks for trained transcoders, then
 evaluates on the held-out split each transcoder alone and all of them spliced in at once.
@@ -33,14 +34,17 @@ SIDE_BY_SIDE_LAYERS = Path(".cache/transcoders/smollm2-135m/layer{L}")  # read b
 
 def train(args: argparse.Namespace, model: Any) -> float:
     data = load_config_file(CONFIG)
+    steps = args.tokens // data["train_batch_size_tokens"]
     data.update(
+        lr_warm_up_steps=steps // 10,  # the recipe's warm-ups, scaled to this budget
         training_tokens=args.tokens,
         n_checkpoints=args.checkpoints,
         checkpoint_path=args.checkpoint_path,
         output_path=args.out,
         resume_from_checkpoint=args.resume,
     )
-    data["sae"] = {**data["sae"], "mlp_layer": None, "mlp_layers": args.layers, "d_sae": args.d_sae}
+    data["sae"] = {**data["sae"], "mlp_layer": None, "mlp_layers": args.layers, "d_sae": args.d_sae,
+                   "l1_warm_up_steps": steps // 4}
     start = time.perf_counter()
     TranscoderTrainingRunner(runner_config_from_dict(data), override_model=model, overwrite_output=True).run()
     return time.perf_counter() - start

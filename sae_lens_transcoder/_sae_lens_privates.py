@@ -16,9 +16,11 @@ from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 REQUIRED: dict[str, tuple[object, str]] = {
     # CLI flag parser with the architecture subgroups (no public parser exists).
     "llm_sae_training_runner._parse_cfg_args": (llm_sae_training_runner, "_parse_cfg_args"),
-    # The runner's metadata writer, extended with the output hook.
+    # The runner's metadata writer, extended with the output hook, and its compile steps.
     "LanguageModelSAETrainingRunner._set_sae_metadata": (LanguageModelSAETrainingRunner, "_set_sae_metadata"),
-    # Token batches with SAELens's epoch handling, drawn again to fast-forward on resume.
+    "LanguageModelSAETrainingRunner._compile_llm_if_needed": (LanguageModelSAETrainingRunner, "_compile_llm_if_needed"),
+    "LanguageModelSAETrainingRunner._compile_sae_if_needed": (LanguageModelSAETrainingRunner, "_compile_sae_if_needed"),
+    # A fresh token stream over the store's dataset (the in-training evaluator's own tokens).
     "ActivationsStore._iterate_tokenized_sequences": (ActivationsStore, "_iterate_tokenized_sequences"),
     # Overridden in the set trainer: the step-boundary hook (stop requests) and the
     # progress bar, which SAELens only moves every 100 steps.

@@ -12,9 +12,9 @@ from typing import Any
 
 import yaml
 from sae_lens.config import LanguageModelSAERunnerConfig, LoggingConfig
-from sae_lens.llm_sae_training_runner import _parse_cfg_args
 from sae_lens.registry import get_sae_training_class
 
+from sae_lens_transcoder._sae_lens_privates import parse_cfg_args
 from sae_lens_transcoder.validation import check_number_fields
 
 
@@ -82,14 +82,14 @@ def runner_config_from_args(
 ) -> LanguageModelSAERunnerConfig[Any]:
     """SAELens CLI flags, optionally on top of a config file."""
     if config_file is None:
-        return _parse_cfg_args(list(args))
+        return parse_cfg_args(list(args))
     data = load_config_file(config_file)
     data["sae"] = dict(data["sae"])
     args = list(args)
     flags = _given_flag_names(args)
     if "architecture" not in flags and "sae" not in flags:
         args = ["--architecture", data["sae"].get("architecture", "transcoder"), *args]
-    parsed = _parse_cfg_args(args)
+    parsed = parse_cfg_args(args)
     if "architecture" in flags or "sae" in flags:
         data["sae"]["architecture"] = parsed.sae.architecture()
     get_sae_training_class(data["sae"]["architecture"])  # clear KeyError for unknown ones

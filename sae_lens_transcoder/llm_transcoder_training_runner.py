@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -195,12 +196,12 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
                 source.close()
 
     def _split_batch(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A packed batch as each transcoder's ``[mlp_in | mlp_out]`` (what it trains on)."""
-        parts = self.replacement.split_batch(packed)
-        return {
-            trainer_name(layer): torch.cat([parts[hook] for hook in self.hooks[layer]], dim=-1)
-            for layer in self.layers
-        }
+        """A packed batch as each transcoder's ``[mlp_in | mlp_out]`` columns (views)."""
+        return {trainer_name(layer): packed[:, columns] for layer, columns in self._pair_columns.items()}
+
+    @cached_property
+    def _pair_columns(self) -> dict[int, slice]:
+        return {layer: self.replacement.pair_columns(layer) for layer in self.layers}
 
     def _load_model(self) -> HookedRootModule:
         cfg = self.cfg

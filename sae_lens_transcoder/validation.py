@@ -38,7 +38,9 @@ from sae_lens_transcoder._version import __version__
 from sae_lens_transcoder.data import resolve_dataset_path
 from sae_lens_transcoder.hooks import ensure_mlp_hook_in, hook_layer, mlp_out_hook, probe_hooks
 from sae_lens_transcoder.layer_spec import parse_mlp_layers
+from sae_lens_transcoder.export.circuit_tracer import CONFIG_FILE as CIRCUIT_TRACER_CONFIG
 from sae_lens_transcoder.replacement import Splice
+from sae_lens_transcoder.replacement.saving import MANIFEST_FILE
 from sae_lens_transcoder.saes.transcoder import TrainingTranscoderConfig
 
 logger = logging.getLogger(__name__)
@@ -478,7 +480,10 @@ def check_weights_file(file: Path, shapes: Mapping[str, tuple[int, ...]]) -> Non
 
 
 def is_previous_transcoder_output(path: Path) -> bool:
-    """Exactly the files a final save writes, with a transcoder's cfg.json: a new run may replace it."""
+    """Exactly the files a final save writes, with a transcoder's cfg.json (or a set of such
+    directories with its manifest and circuit-tracer's files): a new run may replace it."""
+    if (path / MANIFEST_FILE).is_file():
+        return _is_previous_set_output(path)
     if {p.name for p in path.iterdir()} != FINAL_SAVE_FILES:
         return False
     if not all((path / name).is_file() for name in FINAL_SAVE_FILES):
@@ -488,6 +493,20 @@ def is_previous_transcoder_output(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(saved, dict) and saved.get("architecture") in transcoder_architectures()
+
+
+def _is_previous_set_output(path: Path) -> bool:
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        layers = {entry["layer"]: entry["dir"] for entry in manifest["layers"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    expected = {MANIFEST_FILE, *layers.values()}
+    if manifest.get("circuit_tracer"):
+        expected |= {CIRCUIT_TRACER_CONFIG, *(f"layer_{layer}.safetensors" for layer in layers)}
+    return {p.name for p in path.iterdir()} == expected and all(
+        (path / name).is_dir() and is_previous_transcoder_output(path / name) for name in layers.values()
+    )
 
 
 def check_output_path(output_path: str | None, overwrite: bool = False) -> None:

@@ -117,3 +117,14 @@ def test_a_foreign_registration_is_kept_with_a_warning(caplog: pytest.LogCapture
         assert "keeping it" in caplog.text
     finally:
         SAE_TRAINING_CLASS_REGISTRY["transcoder"] = saved
+
+
+def test_a_moved_sae_lens_private_fails_at_import_naming_the_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sae_lens
+    from sae_lens.training.multi_sae_trainer import MultiSAETrainer
+
+    from sae_lens_transcoder import _sae_lens_privates
+
+    monkeypatch.delattr(MultiSAETrainer, "_update_pbar")
+    with pytest.raises(ImportError, match=f"sae-lens {sae_lens.__version__} does not have: MultiSAETrainer._update_pbar"):
+        _sae_lens_privates.check_sae_lens_privates()

@@ -114,10 +114,13 @@ def test_a_scale_is_folded_exactly_once() -> None:
 def test_batch_layout_names_every_hook_and_width() -> None:
     _, _, rs = _setup("gpt2", "relu")
     layout = rs.batch_layout
-    assert layout == [*((f"blocks.{l}.mlp.hook_in", D_MODEL) for l in range(N_LAYERS)), *((f"blocks.{l}.hook_mlp_out", D_MODEL) for l in range(N_LAYERS))]
+    assert layout == [entry for l in range(N_LAYERS) for entry in ((f"blocks.{l}.mlp.hook_in", D_MODEL), (f"blocks.{l}.hook_mlp_out", D_MODEL))]
     packed = torch.arange(2 * len(layout) * D_MODEL, dtype=torch.float32).reshape(2, -1)
     parts = rs.split_batch(packed)
     assert list(parts) == [name for name, _ in layout] and torch.equal(torch.cat(list(parts.values()), -1), packed)
+    for layer in range(N_LAYERS):  # each layer's [input | output] is one block of columns
+        pair = packed[:, rs.pair_columns(layer)]
+        assert torch.equal(pair, torch.cat([parts[rs.hook_in(layer)], parts[rs.hook_out(layer)]], -1))
 
 
 @torch.no_grad()

@@ -155,3 +155,32 @@ def test_cli_trains_a_set_then_evaluates_and_attributes_the_set_directory(tmp_pa
     graph = tmp_path / "graph"
     main(["attribute", "--transcoders", str(out), "--prompt", "To be, or not to be", "--out", str(graph), "--max-expansions", "8"])
     assert json.loads((graph / "summary.json").read_text())["root_value"] != 0
+
+
+def test_resuming_a_set_checkpoint_with_other_layers_is_refused(
+    make_runner_config: MakeConfig, dataset: Dataset, tmp_path: Path
+) -> None:
+    cfg = _set_config(make_runner_config, tmp_path, "three", n_checkpoints=1, sae={"mlp_layers": "1-2"})
+    TranscoderTrainingRunner(cfg, override_model=build_model("gpt2", n_layers=3), override_dataset=dataset).run()
+    (checkpoint,) = Path(cfg.checkpoint_path).iterdir()  # type: ignore[arg-type]
+    other = _set_config(make_runner_config, tmp_path, "other", resume_from_checkpoint=str(checkpoint), sae={"mlp_layers": "0-1"})
+    runner = TranscoderTrainingRunner(other, override_model=build_model("gpt2", n_layers=3), override_dataset=dataset)
+    with pytest.raises(ValueError, match="Resume with the same sae.mlp_layers"):
+        runner.run()
+    assert not Path(other.output_path).exists()  # type: ignore[arg-type]
+
+
+def test_a_previous_set_output_is_replaced_but_one_with_other_files_is_kept(
+    make_runner_config: MakeConfig, dataset: Dataset, tmp_path: Path
+) -> None:
+    cfg = _set_config(make_runner_config, tmp_path, "again", training_tokens=256 * 4, checkpoint_path=None)
+    TranscoderTrainingRunner(cfg, override_model=build_model("gpt2", n_layers=3), override_dataset=dataset).run()
+    out = Path(cfg.output_path)  # type: ignore[arg-type]
+    first = (out / layer_dir(0) / "sae_weights.safetensors").read_bytes()
+    again = _set_config(make_runner_config, tmp_path, "again", training_tokens=256 * 4, checkpoint_path=None, seed=7)
+    TranscoderTrainingRunner(again, override_model=build_model("gpt2", n_layers=3), override_dataset=dataset).run()
+    assert (out / layer_dir(0) / "sae_weights.safetensors").read_bytes() != first  # replaced by the new set
+    (out / "notes.md").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a previous transcoder output"):
+        TranscoderTrainingRunner(again, override_model=build_model("gpt2", n_layers=3), override_dataset=dataset)
+    assert (out / "notes.md").read_text() == "mine"

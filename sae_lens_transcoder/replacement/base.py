@@ -98,10 +98,13 @@ class ReplacementSet(abc.ABC):
     @property
     def batch_layout(self) -> list[tuple[str, int]]:
         """The packed training batch: ``(hook name, width)`` in order along the last dimension,
-        every input hook (in layer order) then every output hook."""
-        inputs = [(self.hook_in(layer), self.d_in(layer)) for layer in self.layers]
-        outputs = [(self.hook_out(layer), self.d_out(layer)) for layer in self.layers]
-        return list(dict.fromkeys(inputs + outputs))
+        each layer's input hook followed by its output hook, layers in order."""
+        pairs = [
+            entry
+            for layer in self.layers
+            for entry in ((self.hook_in(layer), self.d_in(layer)), (self.hook_out(layer), self.d_out(layer)))
+        ]
+        return list(dict.fromkeys(pairs))
 
     def split_batch(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
         """A packed batch ``[..., sum of widths]`` as one tensor per hook of ``batch_layout``."""
@@ -110,3 +113,14 @@ class ReplacementSet(abc.ABC):
         if packed.shape[-1] != sum(widths):
             raise ValueError(f"packed batch has width {packed.shape[-1]}; the layout {layout} needs {sum(widths)}.")
         return {name: part for (name, _), part in zip(layout, packed.split(widths, dim=-1))}
+
+    def pair_columns(self, layer: int) -> slice:
+        """The columns of a packed batch holding ``[input | output]`` of ``layer`` (a view, no copy)."""
+        start, offsets = 0, {}
+        for name, width in self.batch_layout:
+            offsets[name] = (start, start + width)
+            start += width
+        (in_start, in_stop), (out_start, out_stop) = offsets[self.hook_in(layer)], offsets[self.hook_out(layer)]
+        if out_start != in_stop:
+            raise ValueError(f"layer {layer}'s input and output are not side by side in the batch layout.")
+        return slice(in_start, out_stop)

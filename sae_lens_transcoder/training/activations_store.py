@@ -1,5 +1,6 @@
 """Activation store yielding token-aligned ``[mlp_in | mlp_out]`` batches."""
 
+import json
 import logging
 from collections.abc import Iterator
 from functools import cached_property
@@ -10,6 +11,7 @@ import torch
 from sae_lens.config import HfDataset, LanguageModelSAERunnerConfig
 from sae_lens.training.activations_store import ActivationsStore
 from sae_lens.util import get_special_token_ids
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformer_lens.hook_points import HookedRootModule
 
@@ -45,6 +47,7 @@ class TranscoderActivationsStore(ActivationsStore):
     the trainer reached (also when a prefetch thread runs ahead).
     """
 
+    layout: list[tuple[str, int]]
     shuffle_seed: int = 42
     _dataset_name: str = ""
     last_state: StreamState | None = None
@@ -91,6 +94,7 @@ class TranscoderActivationsStore(ActivationsStore):
             **store_kwargs,
         )
         assert isinstance(store, cls)
+        store.layout = list(layout)
         store.shuffle_seed = cfg.seed
         store._dataset_name = cfg.dataset_path
         return store
@@ -160,7 +164,9 @@ class TranscoderActivationsStore(ActivationsStore):
         self.shuffle_buffer.restore(state, skip_source_batch=self._draw_tokens)
 
     def save_stream_state(self, state: StreamState, checkpoint_path: str | Path) -> None:
-        save_file(state.to_tensors(), Path(checkpoint_path) / STREAM_STATE_FILENAME)
+        # The layout travels with the buffered rows: their columns mean nothing without it.
+        metadata = {"layout": json.dumps(self.layout)}
+        save_file(state.to_tensors(), Path(checkpoint_path) / STREAM_STATE_FILENAME, metadata=metadata)
 
     def load_stream_state(self, checkpoint_path: str | Path) -> StreamState:
         path = Path(checkpoint_path) / STREAM_STATE_FILENAME
@@ -168,5 +174,12 @@ class TranscoderActivationsStore(ActivationsStore):
             raise FileNotFoundError(
                 f"{path} is missing: the checkpoint was not written by this plugin's runner, so "
                 "its data position cannot be restored. Resume from a checkpoint of this run."
+            )
+        with safe_open(path, framework="pt") as file:
+            saved = json.loads((file.metadata() or {}).get("layout", "null"))
+        if saved is not None and [tuple(entry) for entry in saved] != self.layout:
+            raise ValueError(
+                f"{path} was written for the hooks and widths {saved}; this run reads {self.layout}. "
+                "Resume with the same sae.mlp_layers (or hooks), d_in and d_out as the run that wrote it."
             )
         return StreamState.from_tensors(load_file(path))
