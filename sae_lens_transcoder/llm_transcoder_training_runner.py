@@ -273,11 +273,13 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
             metadata = transcoder.cfg.metadata
             # SAELens records the runner's one input hook; Transcoder loading needs both.
             metadata.hook_name, metadata.hook_name_out = self.hooks[layer]
-            # SAELens's config adds center_writing_weights=False to every HookedTransformer's
-            # kwargs; recorded, it makes each load of the transcoder warn about loading kwargs.
+            # Any recorded kwarg makes every load of the transcoder warn about loading kwargs;
+            # keep only those that change the model (not SAELens's center_writing_weights=False
+            # default, not our loaders' cache directory).
             kwargs = dict(metadata.model_from_pretrained_kwargs or {})
             if kwargs.get("center_writing_weights") is False:
                 del kwargs["center_writing_weights"]
+            kwargs.pop("cache_dir", None)
             metadata.model_from_pretrained_kwargs = kwargs or None
             # Loaders refuse what a newer plugin wrote (checkpoints included); record ours.
             metadata[PLUGIN_VERSION_KEY] = __version__

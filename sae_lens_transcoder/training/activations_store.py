@@ -115,18 +115,18 @@ class TranscoderActivationsStore(ActivationsStore):
                 ) from None
 
     def _packed_llm_batch(self) -> torch.Tensor:
-        """``[mlp_in | mlp_out]`` rows of one LLM batch, special tokens dropped."""
+        """The layout's hooks side by side for each token of one LLM batch, special tokens dropped."""
         tokens = self._draw_tokens()
         activations = self.get_multi_hook_activations(tokens)
         hooks = multi_hook_names(self)
-        for hook in hooks:
-            if not torch.isfinite(activations[hook]).all():
-                raise NonFiniteActivationsError(
-                    f"the model produced non-finite (NaN/inf) activations at {hook} in LLM batch "
-                    f"{self.n_llm_batches_drawn + 1}; the transcoder would train to garbage. Check the "
-                    "model's weights and dtype (fp16 overflow?); the last complete checkpoint is kept."
-                )
         packed = torch.cat([activations[h] for h in hooks], dim=-1)
+        if not torch.isfinite(packed).all():  # one check; the hook is looked up only on failure
+            bad = next(h for h in hooks if not torch.isfinite(activations[h]).all())
+            raise NonFiniteActivationsError(
+                f"the model produced non-finite (NaN/inf) activations at {bad} in LLM batch "
+                f"{self.n_llm_batches_drawn + 1}; the transcoder would train to garbage. Check the "
+                "model's weights and dtype (fp16 overflow?); the last complete checkpoint is kept."
+            )
         packed = packed.to(self.device).reshape(-1, packed.shape[-1])
         if self.exclude_special_tokens is not None:
             token_ids = tokens[:, slice(*self.seqpos_slice)].reshape(-1).to(self.device)

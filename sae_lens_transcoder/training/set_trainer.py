@@ -85,10 +85,14 @@ class TranscoderSetTrainer(MultiSAETrainer):
         finally:
             shutil.rmtree(partial, ignore_errors=True)
 
-    def _update_pbar(self, step_outputs: dict[str, TrainStepOutput], pbar: Any, update_interval: int = 100) -> None:
+    def _update_pbar(self, step_outputs: dict[str, TrainStepOutput], pbar: Any, update_interval: int = 100) -> None:  # noqa: ARG002
         # Overrides a private: SAELens moves the bar only every 100 steps (minutes at 0 on
         # CPU) and starts a resumed run's bar at 0; show the tokens trained so far instead.
         pbar.update(self.n_training_samples - pbar.n)
-        if self.n_training_steps % update_interval == 1 or update_interval == 1:
-            losses = " | ".join(f"{name}: {out.loss.item():.4f}" for name, out in step_outputs.items())
-            pbar.set_description(f"{self.n_training_steps}| {losses}", refresh=False)
+        losses = {name: out.loss.item() for name, out in step_outputs.items()}
+        if len(losses) <= 4:
+            text = " | ".join(f"{name}: {loss:.4f}" for name, loss in losses.items())
+        else:
+            worst = max(losses, key=losses.__getitem__)
+            text = f"mean loss {sum(losses.values()) / len(losses):.4f}, highest {worst}: {losses[worst]:.4f}"
+        pbar.set_description(f"step {self.n_training_steps} | {text}", refresh=False)
