@@ -48,14 +48,6 @@ parse_cfg_args = _parse_cfg_args
 __all__ = ["InterruptedException", "parse_cfg_args"]
 
 
-def multi_hook_names(store: ActivationsStore) -> list[str]:
-    """The hooks of a store built by ``from_config_multi_hook`` (kept in a private field)."""
-    names = getattr(store, "_hook_names", None)
-    if names is None:
-        raise RuntimeError("the activation store was not built with from_config_multi_hook.")
-    return list(names)
-
-
 def fresh_token_sequences(store: ActivationsStore) -> Iterator[torch.Tensor]:
     """A new iterator over the store's context-size token sequences, from the dataset's start."""
     return store._iterate_tokenized_sequences()

@@ -311,9 +311,10 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
             return
 
         def fill(partial: Path) -> None:
-            write_transcoder_set(PerLayerTranscoders(list(self.transcoders.values())), partial, self.cfg.model_name)
             for layer, transcoder in self.transcoders.items():
                 self._write_transcoder(transcoder, partial / layer_dir(layer), sparsity[layer])
+            trained = PerLayerTranscoders(list(self.transcoders.values()))
+            write_transcoder_set(trained, partial, self.cfg.model_name, scan_name=Path(output_path).name, layer_dirs=False)
 
         self._save_atomically(output_path, fill)
 

@@ -73,11 +73,13 @@ def write_transcoder_set(
     *,
     circuit_tracer: bool | None = None,
     scan_name: str | None = None,
+    layer_dirs: bool = True,
 ) -> None:
     """The files of ``save_transcoder_set`` into the (new, empty) ``directory``.
 
     ``circuit_tracer=None`` writes circuit-tracer's files when the set covers layers
-    ``0..max`` (circuit-tracer reads only complete sets).
+    ``0..max`` (circuit-tracer reads only complete sets). ``layer_dirs=False`` leaves the
+    ``layer_dir`` directories to the caller (a training run writes them as SAELens does).
     """
     layers = sorted(replacement.layers)
     if circuit_tracer is None:
@@ -91,7 +93,7 @@ def write_transcoder_set(
         "batch_layout": [list(entry) for entry in replacement.batch_layout],
         "circuit_tracer": circuit_tracer,
     }
-    for layer in layers:
+    for layer in layers if layer_dirs else ():
         model_units_sae(replacement, layer).save_model(directory / layer_dir(layer))
     if circuit_tracer:
         if not name:

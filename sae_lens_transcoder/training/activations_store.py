@@ -15,7 +15,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformer_lens.hook_points import HookedRootModule
 
-from sae_lens_transcoder._sae_lens_privates import multi_hook_names
 from sae_lens_transcoder.data import resolve_dataset_path
 from sae_lens_transcoder.saes.transcoder import TrainingTranscoderConfig
 from sae_lens_transcoder.training.shuffle_buffer import ShuffleBuffer, StreamState
@@ -42,7 +41,8 @@ def special_token_ids(
 class TranscoderActivationsStore(ActivationsStore):
     """SAELens's multi-hook store (one forward pass for all hooks) packed for the trainer.
 
-    Batches are ``[mlp_in | mlp_out]`` rows shuffled together by a :class:`ShuffleBuffer`,
+    Batches are the ``layout``'s hooks side by side per token (each transcoder's input next to
+    its output), shuffled together by a :class:`ShuffleBuffer`,
     whose state travels with every batch so a checkpoint records exactly the data position
     the trainer reached (also when a prefetch thread runs ahead).
     """
@@ -50,7 +50,6 @@ class TranscoderActivationsStore(ActivationsStore):
     layout: list[tuple[str, int]]
     shuffle_seed: int = 42
     _dataset_name: str = ""
-    last_state: StreamState | None = None
 
     @classmethod
     def from_runner_config(
@@ -118,7 +117,7 @@ class TranscoderActivationsStore(ActivationsStore):
         """The layout's hooks side by side for each token of one LLM batch, special tokens dropped."""
         tokens = self._draw_tokens()
         activations = self.get_multi_hook_activations(tokens)
-        hooks = multi_hook_names(self)
+        hooks = [hook for hook, _ in self.layout]
         packed = torch.cat([activations[h] for h in hooks], dim=-1)
         if not torch.isfinite(packed).all():  # one check; the hook is looked up only on failure
             bad = next(h for h in hooks if not torch.isfinite(activations[h]).all())
@@ -152,10 +151,8 @@ class TranscoderActivationsStore(ActivationsStore):
         return iter(self.shuffle_buffer)
 
     def get_data_loader(self) -> Iterator[torch.Tensor]:
-        # One tensor per step: the hooks of the layout side by side.
-        for batch, state in self.batches_with_state():
-            self.last_state = state
-            yield batch
+        # Iterating the store itself (SAELens's protocol) gives the packed batches alone.
+        return (batch for batch, _ in self.batches_with_state())
 
     def restore_stream(self, state: StreamState) -> None:
         """Continue exactly where ``state`` was taken: token position, buffer, shuffle RNG."""

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sae_lens.saes.sae import TrainingSAE, TrainStepOutput
+from sae_lens.saes.sae import TrainStepOutput
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 
 from sae_lens_transcoder.training.trainer import TrainingInterrupted, TranscoderTrainer
@@ -36,10 +36,6 @@ class TranscoderSetTrainer(MultiSAETrainer):
             name: TranscoderTrainer(cfg=per_sae_cfg, sae=sae, data_provider=iter(()))
             for name, sae in self.saes.items()
         }
-
-    @property
-    def transcoders(self) -> dict[str, TrainingSAE[Any]]:
-        return self.saes
 
     def _maybe_log_sparsity(self, final: bool = False) -> None:
         # Overrides a private: it runs first in every iteration of fit, between two steps.
