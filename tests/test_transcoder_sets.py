@@ -66,6 +66,7 @@ def test_each_layer_of_a_set_ends_as_its_single_layer_run(
         assert (out / layer_dir(layer) / "sparsity.safetensors").is_file()
     # The output is a set directory: a manifest, a circuit-tracer set, and plain SAELens per layer.
     assert (out / MANIFEST_FILE).is_file() and (out / "config.yaml").is_file()
+    assert f"scan: test-model/{out.name}\n" in (out / "config.yaml").read_text()  # not the temporary directory's name
     loaded = load_transcoder_set(out)
     as_circuit_tracer = PerLayerTranscoders(load_circuit_tracer_transcoders(out))
     assert loaded.layers == as_circuit_tracer.layers == LAYERS
