@@ -293,9 +293,7 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         assert self.data_position is not None and self.trainer is not None
         self.activations_store.save_stream_state(self.data_position.state, checkpoint_path)
         for name, trainer in self.trainer.trainers.items():
-            scale = trainer.activation_scaler.scaling_factor
-            if scale is not None:
-                write_inference_view(trainer.sae, scale, Path(checkpoint_path) / name)
+            write_inference_view(trainer.sae, trainer.activation_scaler.scaling_factor or 1.0, Path(checkpoint_path) / name)
         marker = Path(checkpoint_path) / CHECKPOINT_COMPLETE_FILENAME
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps({"complete": True}))

@@ -41,7 +41,9 @@ from sae_lens_transcoder.layer_spec import parse_mlp_layers
 from sae_lens_transcoder.export.circuit_tracer import CONFIG_FILE as CIRCUIT_TRACER_CONFIG
 from sae_lens_transcoder.replacement import Splice
 from sae_lens_transcoder.replacement.saving import MANIFEST_FILE
-from sae_lens_transcoder.saes.transcoder import TrainingTranscoderConfig
+from sae_lens_transcoder.saes.mixin import TranscoderConfigMixin
+from sae_lens_transcoder.saes.transcoder import TRAINING_CLASSES
+from sae_lens_transcoder.training.checkpoint_view import training_cfg_file
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +88,13 @@ NUMBER_FIELDS = (
     NumberField("sae.mlp_layer", True, 0, optional=True),
     NumberField("sae.l1_coefficient", False, 0),
     NumberField("sae.l1_warm_up_steps", True, 0),
+    NumberField("sae.l0_coefficient", False, 0),
+    NumberField("sae.l0_warm_up_steps", True, 0),
+    NumberField("sae.jumprelu_init_threshold", False, 0),
+    NumberField("sae.jumprelu_bandwidth", False, 0, strict=True),
+    NumberField("sae.k", False, 0, strict=True),
+    NumberField("sae.aux_loss_coefficient", False, 0),
+    NumberField("sae.topk_threshold_lr", False, 0),
 )
 
 
@@ -144,6 +153,17 @@ def check_number_fields(source: LanguageModelSAERunnerConfig[Any] | Mapping[str,
             )
 
 
+def _check_k(sae: TranscoderConfigMixin) -> None:
+    """TopK picks ``k`` of ``d_sae`` features per token: a whole number no larger than ``d_sae``."""
+    k = getattr(sae, "k", None)
+    if k is None:
+        return
+    if sae.architecture().startswith("topk") and int(k) != k:
+        raise ValueError(f"sae.k={k!r} must be a whole number for {sae.architecture()} (BatchTopK takes a mean k).")
+    if k > sae.d_sae:
+        raise ValueError(f"sae.k={k!r} is more than sae.d_sae={sae.d_sae} features: lower k or raise d_sae.")
+
+
 def check_dtype(name: str, value: object) -> None:
     if value not in DTYPE_MAP:
         raise ValueError(f"{name}={value!r} is not a dtype SAELens reads: use one of {', '.join(DTYPES)}.")
@@ -161,12 +181,13 @@ def validate_runner_config(
     one batch (SAELens's default ``n_batches_in_buffer``) is enlarged, and a local dataset
     is not loaded with ``trust_remote_code`` (datasets logs an error line for it).
     """
-    if not isinstance(cfg.sae, TrainingTranscoderConfig):
+    if not isinstance(cfg.sae, TranscoderConfigMixin):
         raise ValueError(
-            f"sae.architecture is {cfg.sae.architecture()!r}; TranscoderTrainingRunner "
-            "trains sae.architecture: transcoder (import sae_lens_transcoder first)."
+            f"sae.architecture is {cfg.sae.architecture()!r}; TranscoderTrainingRunner trains the "
+            f"transcoder architectures {', '.join(TRAINING_CLASSES)} (import sae_lens_transcoder first)."
         )
     check_number_fields(cfg)
+    _check_k(cfg.sae)
     check_dtype("dtype", cfg.dtype)
     check_dtype("sae.dtype", cfg.sae.dtype)
     if cfg.training_tokens < cfg.train_batch_size_tokens:
@@ -298,7 +319,8 @@ def _check_saved_sae_for_training(cfg: LanguageModelSAERunnerConfig[Any], field:
     if not path.is_dir():
         raise FileNotFoundError(f"{field}={value!r} is not a directory: give the checkpoint directory to continue from.")
     for directory in _saved_sae_dirs(path, field):
-        saved = read_sae_cfg(directory, field)
+        # A checkpoint's cfg.json is the inference transcoder; the trainer's config is beside it.
+        saved = read_sae_cfg(directory, field, training_cfg_file(directory).name)
         architecture = saved.get("architecture")
         if architecture != cfg.sae.architecture():
             raise ValueError(
@@ -394,9 +416,9 @@ def _trained_on_hint(trained_on: str | None, model_name: str | None) -> str:
 # ---------------------------------------------------------------------------- saved transcoders
 
 
-def read_sae_cfg(directory: Path, what: str) -> dict[str, Any]:
-    """A saved SAE's cfg.json as a dict; a missing, non-JSON or non-mapping file is named."""
-    file = directory / SAE_CFG_FILENAME
+def read_sae_cfg(directory: Path, what: str, file_name: str = SAE_CFG_FILENAME) -> dict[str, Any]:
+    """A saved SAE's cfg.json (or ``file_name``) as a dict; a missing, non-JSON or non-mapping file is named."""
+    file = directory / file_name
     if not file.is_file():
         raise FileNotFoundError(f"{what} {str(directory)!r} has no {SAE_CFG_FILENAME}: it is not a saved SAELens SAE.")
     try:

@@ -12,6 +12,13 @@ from sae_lens.saes.transcoder import (
 )
 from transformer_lens import HookedTransformer
 
+from sae_lens_transcoder.saes.topk_transcoder import (
+    TopKSkipTranscoder,
+    TopKSkipTranscoderConfig,
+    TopKTranscoder,
+    TopKTranscoderConfig,
+)
+
 D_SAE = 96
 
 
@@ -29,6 +36,10 @@ def random_transcoder(
         tc = SkipTranscoder(SkipTranscoderConfig(**common))
     elif kind == "jumprelu_skip":
         tc = JumpReLUSkipTranscoder(JumpReLUSkipTranscoderConfig(**common))
+    elif kind == "topk":
+        tc = TopKTranscoder(TopKTranscoderConfig(**common, k=12))
+    elif kind == "topk_skip":
+        tc = TopKSkipTranscoder(TopKSkipTranscoderConfig(**common, k=12))
     else:
         raise ValueError(kind)
     with torch.no_grad():

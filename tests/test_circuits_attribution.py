@@ -31,6 +31,8 @@ SETUPS = [
     ("neox", "mlp.hook_in", "jumprelu_skip"),
     ("llama", "mlp.hook_in", "relu"),
     ("llama-gqa", "mlp.hook_in", "skip"),  # grouped-query attention, as in SmolLM2
+    ("gpt2", "mlp.hook_in", "topk"),
+    ("llama", "mlp.hook_in", "topk_skip"),
     ("tiny-trained", "ln2.hook_normalized", "relu"),  # the bundled trained GPT-2-style model
 ]
 

@@ -26,6 +26,12 @@ key                            shape                   meaning
 threshold`` (optional)                                 absent: ReLU
 ============================== ======================= =====================================
 
+TopK sets (this package's ``TopKTranscoder``) add ``activation: topk`` and ``k`` to
+``config.yaml``, as upstream circuit-tracer reads them (the PyPI 0.5.0 release has no
+TopK). Upstream keeps the ``k`` largest pre-activations as they are; SAELens's ``TopK``
+also applies ReLU to them, so the two differ only on tokens where one of the ``k`` largest
+pre-activations is negative.
+
 ``d_model`` is read from ``b_dec``, ``d_sae`` from ``b_enc``; input and output widths are
 one ``d_model``. The hooks are TransformerLens names relative to ``blocks.{layer}``
 (e.g. ``ln2.hook_normalized``, ``mlp.hook_in`` - circuit-tracer wraps every MLP in a
@@ -74,7 +80,12 @@ from sae_lens.saes.transcoder import (
 from sae_lens_transcoder.atomic import replace_dir_atomically
 from sae_lens_transcoder.hooks import hook_layer
 from sae_lens_transcoder.replacement import PerLayerTranscoders, Splice, as_splices
-from sae_lens_transcoder.saes.transcoder import TrainingTranscoder
+from sae_lens_transcoder.saes.topk_transcoder import (
+    TopKSkipTranscoder,
+    TopKSkipTranscoderConfig,
+    TopKTranscoder,
+    TopKTranscoderConfig,
+)
 
 __all__ = ["export_circuit_tracer", "load_circuit_tracer_transcoders"]
 
@@ -132,12 +143,13 @@ def _prepare(sp: Splice, index: int, scale_known: bool) -> _Prepared:
     """
     tc = sp.transcoder
     where = f"transcoders[{index}]"
-    if not isinstance(tc, (Transcoder, TrainingTranscoder)):
+    if not isinstance(tc, Transcoder):
         arch = tc.cfg.architecture() if hasattr(tc.cfg, "architecture") else type(tc).__name__
         raise ValueError(
             f"{where}: architecture={arch!r} cannot be exported; circuit-tracer per-layer "
             "transcoders are SAELens Transcoder, SkipTranscoder, JumpReLUTranscoder or "
-            "JumpReLUSkipTranscoder (ReLU or JumpReLU, optional skip)."
+            "JumpReLUSkipTranscoder, or this package's TopK transcoders (ReLU, JumpReLU or "
+            "TopK, optional skip)."
         )
     cfg = tc.cfg
     norm = cfg.normalize_activations
@@ -226,6 +238,19 @@ def _layer_tensors(replacement: PerLayerTranscoders, layer: int, dtype: torch.dt
     return {k: v.to(out_dtype).contiguous().cpu() for k, v in tensors.items()}
 
 
+def _activation_config(replacement: PerLayerTranscoders, layers: list[int]) -> dict[str, Any]:
+    """``activation: topk`` and ``k`` for a TopK set; nothing otherwise (ReLU or JumpReLU by file)."""
+    ks = {layer: getattr(replacement.transcoder(layer).cfg, "k", None) for layer in layers}
+    if all(k is None for k in ks.values()):
+        return {}
+    if len(set(ks.values())) != 1:
+        raise ValueError(
+            f"k per layer {ks}: circuit-tracer has one activation (and one k) for the whole set; "
+            "export TopK transcoders with one k, and no ReLU/JumpReLU layers among them."
+        )
+    return {"activation": "topk", "k": int(next(iter(ks.values())))}
+
+
 def _check_set(prepared: list[_Prepared], n_layers: int | None) -> None:
     by_layer: dict[int, _Prepared] = {}
     for p in prepared:
@@ -284,7 +309,7 @@ def export_circuit_tracer(
     """Write ``transcoders`` (one per layer) as a circuit-tracer transcoder set in ``out_dir``.
 
     Accepts SAELens ``Transcoder``, ``SkipTranscoder``, ``JumpReLUTranscoder``,
-    ``JumpReLUSkipTranscoder`` (and this package's ``TrainingTranscoder``), bare or as a
+    ``JumpReLUSkipTranscoder`` (and this package's TopK and training transcoders), bare or as a
     :class:`Splice`, whose ``input_scale`` is folded into the weights, or a
     :class:`PerLayerTranscoders` set (which knows its scales). Outputs equal
     ``Splice(x)`` of the input. When some layers have a skip connection and others not,
@@ -322,6 +347,7 @@ def export_circuit_tracer(
         "feature_input_hook": prepared[0].input_hook,
         "feature_output_hook": prepared[0].output_hook,
         "scan": scan or f"{model_name.split('/')[-1]}/{out_dir.name}",
+        **_activation_config(replacement, [p.layer for p in prepared]),
         OUR_KEY: {"format_version": 1, "layers": [p.source for p in prepared]},
     }
 
@@ -373,7 +399,7 @@ def _check_shape(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, .
         raise ValueError(f"{path.name}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}.")
 
 
-def _read_layer(path: Path, layer: int, device: str) -> SAE:  # type: ignore[type-arg]
+def _read_layer(path: Path, layer: int, device: str, k: int | None) -> SAE:  # type: ignore[type-arg]
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: only .safetensors transcoders can be read (npz/Gemma Scope files cannot).")
     if not path.is_file():
@@ -416,15 +442,31 @@ def _read_layer(path: Path, layer: int, device: str) -> SAE:  # type: ignore[typ
         (False, True): (JumpReLUTranscoder, JumpReLUTranscoderConfig),
         (True, True): (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig),
     }
+    if k is not None:
+        if jump:
+            raise ValueError(f"{path.name}: {THRESHOLD} in a set with activation: topk.")
+        classes = {(False, False): (TopKTranscoder, TopKTranscoderConfig), (True, False): (TopKSkipTranscoder, TopKSkipTranscoderConfig)}
     sae_cls, cfg_cls = classes[(skip, jump)]
     dtype = str(t["b_enc"].dtype).removeprefix("torch.")
     cfg = cfg_cls(
         d_in=d_model, d_sae=d_sae, d_out=d_model, dtype=dtype, device=device,
-        apply_b_dec_to_input=False, normalize_activations="none",
+        apply_b_dec_to_input=False, normalize_activations="none", **({} if k is None else {"k": k}),
     )
     sae = sae_cls(cfg)
     sae.load_state_dict({k: v.to(device) for k, v in state.items()})
     return sae
+
+
+def _topk_k(config: dict[str, Any]) -> int | None:
+    activation = config.get("activation", "relu")
+    if activation == "relu":
+        return None
+    if activation != "topk":
+        raise ValueError(f"config.yaml activation={activation!r}: expected relu or topk.")
+    k = config.get("k")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"config.yaml k={k!r}: activation: topk needs a positive integer k.")
+    return k
 
 
 def load_circuit_tracer_transcoders(path: str | Path, device: str = "cpu") -> list[Splice]:
@@ -456,10 +498,11 @@ def load_circuit_tracer_transcoders(path: str | Path, device: str = "cpu") -> li
             raise ValueError(f"config.yaml {field} is missing or empty.")
         hooks[field] = value
     output_hook = "hook_mlp_out" if hooks["feature_output_hook"] == "mlp.hook_out" else hooks["feature_output_hook"]
+    k = _topk_k(config)
     ours = {s.get("layer"): s for s in (config.get(OUR_KEY) or {}).get("layers", [])}
     splices = []
     for layer, file in enumerate(_layer_paths(config, config_path.parent)):
-        sae = _read_layer(file, layer, device)
+        sae = _read_layer(file, layer, device, k)
         hook_name = f"blocks.{layer}.{hooks['feature_input_hook']}"
         hook_name_out = f"blocks.{layer}.{output_hook}"
         meta = dict((ours.get(layer) or {}).get("metadata") or {})

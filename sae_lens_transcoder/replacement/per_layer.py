@@ -9,6 +9,7 @@ from sae_lens.saes.sae import SAE
 from sae_lens_transcoder.hooks import hook_layer, mlp_out_hook
 from sae_lens_transcoder.replacement.base import ReplacementSet
 from sae_lens_transcoder.replacement.folding import ModelUnits, fold
+from sae_lens_transcoder.saes.mixin import TranscoderMixin
 
 _CHECK_RTOL = 1e-3
 _N_PROBE = 4
@@ -21,7 +22,10 @@ class Splice:
     ``input_scale`` is the training-time activation scaler (inputs and outputs share one
     scalar, which saving folds into the weights); it is 1 for saved transcoders.
     ``feature_mask`` keeps only chosen features (partial replacement);
-    ``last_feature_acts`` are the activations of the latest spliced run.
+    ``last_feature_acts`` are the activations of the latest spliced run. A training
+    transcoder is replaced by the inference transcoder it saves as (its TopK decoder norms
+    folded, a BatchTopK one's running threshold as JumpReLU threshold), so a splice always
+    computes what the saved file will.
     """
 
     transcoder: SAE  # type: ignore[type-arg]
@@ -30,6 +34,10 @@ class Splice:
     input_scale: float = 1.0
     feature_mask: torch.Tensor | None = None
     last_feature_acts: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.transcoder, TranscoderMixin):
+            self.transcoder = self.transcoder.to_inference()
 
     @classmethod
     def from_sae(cls, sae: SAE, input_scale: float = 1.0) -> "Splice":  # type: ignore[type-arg]

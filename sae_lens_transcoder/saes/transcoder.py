@@ -1,179 +1,235 @@
-"""Training-time MLP transcoder: reads the MLP's input, reconstructs the MLP's output.
+"""Every trainable transcoder architecture: a SAELens training SAE composed with the mixins.
 
-The trainer hands the SAE one tensor per token. The transcoder activation store packs
-``[x | y]`` (MLP input, MLP output) into that tensor, so SAELens's ``SAETrainer``
-(coefficient schedules, dead-feature tracking, checkpoints, wandb) runs unchanged.
-Inference uses SAELens's own ``Transcoder``, so saved files load without this plugin.
+Each class is ``(TranscoderMixin, <SAELens training SAE>, TranscoderTrainingCore)`` and each
+config ``(TranscoderConfigMixin, <SAELens training config>)``, so the sparsity losses,
+activation functions, threshold updates and auxiliary losses are SAELens's own. The trainer
+hands the SAE one ``[x | y]`` tensor per token (packed by the transcoder activation store),
+so SAELens's ``SAETrainer`` runs unchanged. Saved transcoders are SAELens inference classes
+(TopK ones this package's, see ``topk_transcoder``).
+
+=================================== ================================= ===========================
+architecture                        trained as                        saved as
+=================================== ================================= ===========================
+``transcoder``                      ReLU + decoder-norm-weighted L1   ``Transcoder``
+``skip_transcoder``                 the same + ``W_skip``             ``SkipTranscoder``
+``jumprelu_transcoder``             JumpReLU, straight-through        ``JumpReLUTranscoder``
+                                    threshold gradient, L0 / tanh
+                                    penalty, pre-activation loss
+``jumprelu_skip_transcoder``        the same + ``W_skip``             ``JumpReLUSkipTranscoder``
+``topk_transcoder``                 TopK + AuxK                       ``TopKTranscoder``
+``topk_skip_transcoder``            the same + ``W_skip``             ``TopKSkipTranscoder``
+``batchtopk_transcoder``            BatchTopK + AuxK                  ``JumpReLUTranscoder``
+``batchtopk_skip_transcoder``       the same + ``W_skip``             ``JumpReLUSkipTranscoder``
+``matryoshka_batchtopk_transcoder`` nested BatchTopK + AuxK           ``JumpReLUTranscoder``
+``matryoshka_batchtopk_skip_...``   the same + ``W_skip``             ``JumpReLUSkipTranscoder``
+=================================== ================================= ===========================
 """
 
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass
 
-import torch
-from torch import nn
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+from sae_lens.saes.matryoshka_batchtopk_sae import (
+    MatryoshkaBatchTopKTrainingSAE,
+    MatryoshkaBatchTopKTrainingSAEConfig,
+)
+from sae_lens.saes.sae import TrainingSAE
+from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from typing_extensions import override
 
-from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
-from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
-from safetensors.torch import load_file
-
-from sae_lens_transcoder.training.checkpoint_view import training_weights_file
+from sae_lens_transcoder.saes.mixin import (
+    SUPPORTED_NORMALIZATIONS,
+    TranscoderConfigMixin,
+    TranscoderMixin,
+    TranscoderTrainingCore,
+)
+from sae_lens_transcoder.saes.topk_transcoder import TOPK_SKIP_TRANSCODER, TOPK_TRANSCODER
 
 ARCHITECTURE = "transcoder"
-SUPPORTED_NORMALIZATIONS = ("none", "expected_average_only_in")
+
+__all__ = ["ARCHITECTURE", "SUPPORTED_NORMALIZATIONS", "TRAINING_CLASSES", "TrainingTranscoder", "TrainingTranscoderConfig"]
+
+
+# ---------------------------------------------------------------------------- ReLU + L1
 
 
 @dataclass
-class TrainingTranscoderConfig(StandardTrainingSAEConfig):
-    """Config of a ReLU transcoder trained with an L1 penalty.
+class TrainingTranscoderConfig(TranscoderConfigMixin, StandardTrainingSAEConfig):
+    """A ReLU transcoder trained with SAELens's decoder-norm-weighted L1 penalty."""
 
-    ``d_out`` defaults to ``d_in`` (MLPs write back to the residual stream they read).
-    ``hook_name_out`` defaults to ``blocks.{layer}.hook_mlp_out`` of the runner's
-    input hook. ``mlp_layer`` alone picks both hooks for that layer's MLP; ``mlp_layers``
-    (``[0, 1, 2]``, ``"0-29"`` or ``"all"``) trains one transcoder per listed MLP, from one
-    forward pass, each with this config.
-    ``b_dec_init="mean"`` sets the output bias to the first batch's mean MLP output, as
-    the paper did; it is skipped whenever weights are loaded (resume, fine-tuning). ``allow_inexact_mlp_input`` opts into an input hook that is not
-    exactly what the MLP reads (e.g. ``hook_resid_mid``, as the paper's code allowed).
-    """
-
-    apply_b_dec_to_input: bool = False
-    d_out: int | None = None
-    hook_name_out: str | None = None
-    mlp_layer: int | None = None
-    mlp_layers: str | None = None
-    allow_inexact_mlp_input: bool = False
-    b_dec_init: Literal["mean", "zeros"] = "mean"
+    inference_architecture = "transcoder"
 
     @override
     @classmethod
     def architecture(cls) -> str:
         return ARCHITECTURE
 
-    def __post_init__(self) -> None:
-        if self.apply_b_dec_to_input:
-            raise ValueError(
-                "sae.apply_b_dec_to_input=True is invalid for a transcoder: b_dec lives in "
-                "the MLP *output* space and cannot be subtracted from the input. "
-                "Set apply_b_dec_to_input: false."
-            )
-        if self.normalize_activations not in SUPPORTED_NORMALIZATIONS:
-            raise ValueError(
-                f"sae.normalize_activations={self.normalize_activations!r} is not supported "
-                "for transcoders: it rescales the output with statistics of the input and "
-                "cannot be folded into SAELens's inference Transcoder. Use one of "
-                f"{SUPPORTED_NORMALIZATIONS}."
-            )
-        if self.reshape_activations != "none":
-            raise ValueError(
-                "sae.reshape_activations must be 'none' for a transcoder (it reads an MLP "
-                f"input, not hook_z); got {self.reshape_activations!r}."
-            )
-        if self.b_dec_init not in ("mean", "zeros"):
-            raise ValueError(f"sae.b_dec_init must be 'mean' or 'zeros'; got {self.b_dec_init!r}.")
-        if isinstance(self.mlp_layers, (list, tuple)):
-            # YAML/JSON give a list; the CLI (and so this field's type) a string.
-            self.mlp_layers = ",".join(str(layer) for layer in self.mlp_layers)
-        if self.d_out is None:
-            self.d_out = self.d_in
-        if self.d_in <= 0 or self.d_sae <= 0 or self.d_out <= 0:
-            raise ValueError(
-                f"sae.d_in, sae.d_sae and sae.d_out must be positive; got "
-                f"d_in={self.d_in}, d_sae={self.d_sae}, d_out={self.d_out}."
-            )
-        super().__post_init__()
 
-
-class TrainingTranscoder(StandardTrainingSAE):
-    """Standard (ReLU + decoder-norm-weighted L1) SAE whose decoder targets the MLP output."""
+class TrainingTranscoder(TranscoderMixin, StandardTrainingSAE, TranscoderTrainingCore):  # type: ignore[misc]
+    """Standard (ReLU + L1) SAE whose decoder targets the MLP output."""
 
     cfg: TrainingTranscoderConfig  # type: ignore[assignment]
 
-    @property
-    def d_out(self) -> int:
-        assert self.cfg.d_out is not None  # resolved in the config's __post_init__
-        return self.cfg.d_out
+
+@dataclass
+class SkipTrainingTranscoderConfig(TrainingTranscoderConfig):
+    has_skip = True
+    inference_architecture = "skip_transcoder"
 
     @override
-    def initialize_weights(self) -> None:
-        # The base class ties W_enc = W_dec.T, which needs d_in == d_out and mixes the
-        # input and output spaces; draw the two matrices independently instead.
-        d_out = self.d_out
-        self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=self.dtype, device=self.device))
-        self.b_enc = nn.Parameter(
-            torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device)
-        )
-        W_dec = torch.empty(self.cfg.d_sae, d_out, dtype=self.dtype, device=self.device)
-        W_enc = torch.empty(self.cfg.d_in, self.cfg.d_sae, dtype=self.dtype, device=self.device)
-        nn.init.kaiming_uniform_(W_dec)
-        nn.init.kaiming_uniform_(W_enc)
-        if self.cfg.decoder_init_norm is not None:
-            W_dec *= self.cfg.decoder_init_norm / W_dec.norm(dim=-1, keepdim=True)
-            W_enc *= self.cfg.decoder_init_norm / W_enc.norm(dim=0, keepdim=True)
-        self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_enc)
-        self._b_dec_init_pending = self.cfg.b_dec_init == "mean"
-        self.register_load_state_dict_post_hook(_mark_b_dec_given)
+    @classmethod
+    def architecture(cls) -> str:
+        return "skip_transcoder"
+
+
+class SkipTrainingTranscoder(TrainingTranscoder):
+    cfg: SkipTrainingTranscoderConfig  # type: ignore[assignment]
+
+
+# ---------------------------------------------------------------------------- JumpReLU
+
+
+@dataclass
+class JumpReLUTrainingTranscoderConfig(TranscoderConfigMixin, JumpReLUTrainingSAEConfig):
+    inference_architecture = "jumprelu_transcoder"
+    sparse_decode_exact = False
 
     @override
-    def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
-        # b_dec has the output's width, so the base class's b_dec subtraction cannot apply.
-        sae_in = self.hook_sae_input(sae_in.to(self.dtype))
-        return self.run_time_activation_norm_fn_in(sae_in)
+    @classmethod
+    def architecture(cls) -> str:
+        return "jumprelu_transcoder"
 
-    def split_packed(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Split a ``[x | y]`` batch from the transcoder activation store."""
-        expected = self.cfg.d_in + self.d_out
-        if packed.shape[-1] != expected:
-            raise ValueError(
-                f"Transcoder training batches must be [mlp_in | mlp_out] of width "
-                f"d_in + d_out = {expected}; got width {packed.shape[-1]}. Train through "
-                "TranscoderTrainingRunner (or TranscoderActivationsStore)."
-            )
-        return packed[..., : self.cfg.d_in], packed[..., self.cfg.d_in :]
+
+class JumpReLUTrainingTranscoder(TranscoderMixin, JumpReLUTrainingSAE, TranscoderTrainingCore):  # type: ignore[misc]
+    cfg: JumpReLUTrainingTranscoderConfig  # type: ignore[assignment]
+
+
+@dataclass
+class JumpReLUSkipTrainingTranscoderConfig(JumpReLUTrainingTranscoderConfig):
+    has_skip = True
+    inference_architecture = "jumprelu_skip_transcoder"
 
     @override
-    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        x, y = self.split_packed(step_input.sae_in)
-        if self._b_dec_init_pending:
-            with torch.no_grad():
-                self.b_dec.copy_(y.mean(0))  # y is already in the trainer's scaled space
-            self._b_dec_init_pending = False
-        feature_acts, hidden_pre = self.encode_with_hidden_pre(x)
-        y_hat = self.decode(feature_acts)
-        mse_loss = self.mse_loss_fn(y_hat, y.to(y_hat.dtype)).sum(dim=-1).mean()
-        aux_losses = self.calculate_aux_loss(
-            step_input=replace(step_input, sae_in=x),
-            feature_acts=feature_acts,
-            hidden_pre=hidden_pre,
-            sae_out=y_hat,
-        )
-        losses: dict[str, torch.Tensor] = {"mse_loss": mse_loss, **aux_losses}
-        # The trainer measures explained variance against TrainStepOutput.sae_in, so the
-        # target (MLP output) goes there, not the input.
-        return TrainStepOutput(
-            sae_in=y,
-            sae_out=y_hat,
-            feature_acts=feature_acts,
-            hidden_pre=hidden_pre,
-            loss=sum(losses.values(), torch.zeros((), device=y_hat.device)),
-            losses=losses,
-        )
+    @classmethod
+    def architecture(cls) -> str:
+        return "jumprelu_skip_transcoder"
+
+
+class JumpReLUSkipTrainingTranscoder(JumpReLUTrainingTranscoder):
+    cfg: JumpReLUSkipTrainingTranscoderConfig  # type: ignore[assignment]
+
+
+# ---------------------------------------------------------------------------- TopK
+
+
+@dataclass
+class TopKTrainingTranscoderConfig(TranscoderConfigMixin, TopKTrainingSAEConfig):
+    inference_architecture = TOPK_TRANSCODER
 
     @override
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+    @classmethod
+    def architecture(cls) -> str:
+        return "topk_transcoder"
+
+
+class TopKTrainingTranscoder(TranscoderMixin, TopKTrainingSAE, TranscoderTrainingCore):  # type: ignore[misc]
+    cfg: TopKTrainingTranscoderConfig  # type: ignore[assignment]
+
+
+@dataclass
+class TopKSkipTrainingTranscoderConfig(TopKTrainingTranscoderConfig):
+    has_skip = True
+    inference_architecture = TOPK_SKIP_TRANSCODER
 
     @override
-    def load_weights_from_checkpoint(self, checkpoint_path: Path | str) -> None:
-        # A checkpoint trained with a scale holds the folded transcoder for inference and
-        # the trainer's unfolded weights beside it; resuming needs the latter.
-        state_dict = load_file(training_weights_file(Path(checkpoint_path)))
-        self.process_state_dict_for_loading(state_dict)
-        self.load_state_dict(state_dict)
+    @classmethod
+    def architecture(cls) -> str:
+        return "topk_skip_transcoder"
 
 
-def _mark_b_dec_given(module: nn.Module, incompatible_keys: Any) -> None:  # noqa: ARG001
-    """Loaded weights already carry a trained b_dec; never overwrite it with a mean."""
-    module._b_dec_init_pending = False  # type: ignore[assignment]
+class TopKSkipTrainingTranscoder(TopKTrainingTranscoder):
+    cfg: TopKSkipTrainingTranscoderConfig  # type: ignore[assignment]
+
+
+# ---------------------------------------------------------------------------- BatchTopK
+
+
+@dataclass
+class BatchTopKTrainingTranscoderConfig(TranscoderConfigMixin, BatchTopKTrainingSAEConfig):
+    inference_architecture = "jumprelu_transcoder"
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "batchtopk_transcoder"
+
+
+class BatchTopKTrainingTranscoder(TranscoderMixin, BatchTopKTrainingSAE, TranscoderTrainingCore):  # type: ignore[misc]
+    cfg: BatchTopKTrainingTranscoderConfig  # type: ignore[assignment]
+
+
+@dataclass
+class BatchTopKSkipTrainingTranscoderConfig(BatchTopKTrainingTranscoderConfig):
+    has_skip = True
+    inference_architecture = "jumprelu_skip_transcoder"
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "batchtopk_skip_transcoder"
+
+
+class BatchTopKSkipTrainingTranscoder(BatchTopKTrainingTranscoder):
+    cfg: BatchTopKSkipTrainingTranscoderConfig  # type: ignore[assignment]
+
+
+# ---------------------------------------------------------------------------- Matryoshka BatchTopK
+
+
+@dataclass
+class MatryoshkaBatchTopKTrainingTranscoderConfig(TranscoderConfigMixin, MatryoshkaBatchTopKTrainingSAEConfig):
+    inference_architecture = "jumprelu_transcoder"
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "matryoshka_batchtopk_transcoder"
+
+
+class MatryoshkaBatchTopKTrainingTranscoder(  # type: ignore[misc]
+    TranscoderMixin, MatryoshkaBatchTopKTrainingSAE, TranscoderTrainingCore
+):
+    cfg: MatryoshkaBatchTopKTrainingTranscoderConfig  # type: ignore[assignment]
+
+
+@dataclass
+class MatryoshkaBatchTopKSkipTrainingTranscoderConfig(MatryoshkaBatchTopKTrainingTranscoderConfig):
+    has_skip = True
+    inference_architecture = "jumprelu_skip_transcoder"
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "matryoshka_batchtopk_skip_transcoder"
+
+
+class MatryoshkaBatchTopKSkipTrainingTranscoder(MatryoshkaBatchTopKTrainingTranscoder):
+    cfg: MatryoshkaBatchTopKSkipTrainingTranscoderConfig  # type: ignore[assignment]
+
+
+TRAINING_CLASSES: dict[str, tuple[type[TrainingSAE], type[TranscoderConfigMixin]]] = {  # type: ignore[type-arg]
+    config.architecture(): (sae, config)
+    for sae, config in (
+        (TrainingTranscoder, TrainingTranscoderConfig),
+        (SkipTrainingTranscoder, SkipTrainingTranscoderConfig),
+        (JumpReLUTrainingTranscoder, JumpReLUTrainingTranscoderConfig),
+        (JumpReLUSkipTrainingTranscoder, JumpReLUSkipTrainingTranscoderConfig),
+        (TopKTrainingTranscoder, TopKTrainingTranscoderConfig),
+        (TopKSkipTrainingTranscoder, TopKSkipTrainingTranscoderConfig),
+        (BatchTopKTrainingTranscoder, BatchTopKTrainingTranscoderConfig),
+        (BatchTopKSkipTrainingTranscoder, BatchTopKSkipTrainingTranscoderConfig),
+        (MatryoshkaBatchTopKTrainingTranscoder, MatryoshkaBatchTopKTrainingTranscoderConfig),
+        (MatryoshkaBatchTopKSkipTrainingTranscoder, MatryoshkaBatchTopKSkipTrainingTranscoderConfig),
+    )
+}

@@ -1,11 +1,13 @@
 """Checkpoints that load as what they claim, in plain SAELens, while staying resumable.
 
-With ``normalize_activations: expected_average_only_in`` the trainer's weights work on
-scaled activations and the scale lives in ``activation_scaler.json``, which
-``SAE.load_from_disk`` ignores: such a checkpoint would load as a transcoder computing the
-wrong function. Only the final save folds the scale in. Here every checkpoint gets the
-folded transcoder as its ``cfg.json`` / ``sae_weights.safetensors``, and the trainer's own
-weights move beside it (folding is not exactly invertible, so resume needs the originals).
+SAELens's trainer checkpoints the *training* SAE: its config names a training architecture
+(``batchtopk_transcoder`` has no inference class), its weights may keep decoder norms
+unfolded (TopK) or a BatchTopK running threshold, and with ``normalize_activations:
+expected_average_only_in`` they work on scaled activations whose scale lives in
+``activation_scaler.json``, which ``SAE.load_from_disk`` ignores. Here every checkpoint gets
+the inference transcoder, scale folded, as its ``cfg.json`` / ``sae_weights.safetensors``,
+and the trainer's own files move beside it (folding is not exactly invertible, so resume
+needs the originals).
 """
 
 import copy
@@ -24,8 +26,15 @@ def write_inference_view(sae: TrainingSAE, scale: float, checkpoint: Path) -> No
     os.replace(checkpoint / SAE_WEIGHTS_FILENAME, checkpoint / TRAINING_WEIGHTS_FILENAME)
     os.replace(checkpoint / SAE_CFG_FILENAME, checkpoint / TRAINING_CFG_FILENAME)
     folded = copy.deepcopy(sae)
-    folded.fold_activation_norm_scaling_factor(scale)
+    if scale != 1.0:
+        folded.fold_activation_norm_scaling_factor(scale)
     folded.save_inference_model(checkpoint)
+
+
+def training_cfg_file(checkpoint: Path) -> Path:
+    """The config a resumed trainer must match in ``checkpoint``."""
+    kept = checkpoint / TRAINING_CFG_FILENAME
+    return kept if kept.is_file() else checkpoint / SAE_CFG_FILENAME
 
 
 def training_weights_file(checkpoint: Path) -> Path:
