@@ -1,6 +1,7 @@
 """Shared fixtures: small real HookedTransformers of the three MLP layouts we support."""
 
 import socket
+from dataclasses import fields
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import sae_lens_transcoder  # noqa: F401  (registers the architecture)
 from sae_lens_transcoder import TrainingTranscoderConfig
+from sae_lens_transcoder.saes.transcoder import TRAINING_CLASSES
 
 D_MODEL = 64
 D_VOCAB = 300
@@ -73,10 +75,13 @@ def token_dataset() -> Dataset:
 
 
 def runner_config(**overrides: Any) -> LanguageModelSAERunnerConfig[TrainingTranscoderConfig]:
-    sae_overrides = overrides.pop("sae", {})
-    sae = TrainingTranscoderConfig(
-        **{"d_in": D_MODEL, "d_sae": 256, "mlp_layer": 1, "l1_coefficient": 1e-3, **sae_overrides}
-    )
+    """A tiny run's config; ``sae={"architecture": "topk_transcoder", "k": 8, ...}`` picks the architecture."""
+    sae_overrides = dict(overrides.pop("sae", {}))
+    config_class = TRAINING_CLASSES[sae_overrides.pop("architecture", "transcoder")][1]
+    defaults: dict[str, Any] = {"d_in": D_MODEL, "d_sae": 256, "mlp_layer": 1}
+    if "l1_coefficient" in {f.name for f in fields(config_class)}:
+        defaults["l1_coefficient"] = 1e-3
+    sae = config_class(**{**defaults, **sae_overrides})
     settings: dict[str, Any] = dict(
         sae=sae,
         model_name="test-model",

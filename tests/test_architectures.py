@@ -1,0 +1,304 @@
+"""Every trainable architecture: trains, saves to what plain SAELens loads, and keeps its promises
+(straight-through thresholds, AuxK against the target, the skip term, the sparse decode)."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from datasets import Dataset
+from sae_lens import LanguageModelSAERunnerConfig
+from sae_lens.saes.sae import SAE, TrainStepInput, TrainStepOutput
+from sae_lens.saes.transcoder import SkipTranscoder, SkipTranscoderConfig
+from sae_lens.saes.sae import SAEMetadata
+
+from sae_lens_transcoder import TranscoderTrainingRunner
+from sae_lens_transcoder.evals import evaluate_spliced
+from sae_lens_transcoder.hooks import ensure_mlp_hook_in
+from sae_lens_transcoder.saes.topk_transcoder import TOPK_SKIP_TRANSCODER, TOPK_TRANSCODER
+from sae_lens_transcoder.saes.transcoder import (
+    TRAINING_CLASSES,
+    JumpReLUTrainingTranscoder,
+    JumpReLUTrainingTranscoderConfig,
+    TopKTrainingTranscoder,
+    TopKTrainingTranscoderConfig,
+)
+from sae_lens_transcoder.splicing import Splice
+from sae_lens_transcoder.training.checkpoint_view import TRAINING_CFG_FILENAME
+from tests.conftest import CONTEXT, D_MODEL, D_VOCAB, build_model, runner_config
+
+D_SAE = 256
+# What each architecture needs beyond the defaults to train in a few hundred steps.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "transcoder": {},
+    "skip_transcoder": {},
+    "jumprelu_transcoder": {"l0_coefficient": 1e-3},
+    "jumprelu_skip_transcoder": {"l0_coefficient": 1e-3, "jumprelu_sparsity_loss_mode": "tanh", "pre_act_loss_coefficient": 3e-6},
+    "topk_transcoder": {"k": 16},
+    "topk_skip_transcoder": {"k": 16},
+    # 40 steps: the saved threshold (an EMA of the batch's cut) must follow the weights faster.
+    "batchtopk_transcoder": {"k": 16, "topk_threshold_lr": 0.2},
+    "batchtopk_skip_transcoder": {"k": 16, "topk_threshold_lr": 0.2},
+    "matryoshka_batchtopk_transcoder": {"k": 16, "matryoshka_widths": [64, D_SAE], "topk_threshold_lr": 0.2},
+    "matryoshka_batchtopk_skip_transcoder": {"k": 16, "matryoshka_widths": [64, D_SAE], "topk_threshold_lr": 0.2},
+}
+SAVED_AS = {
+    "transcoder": "transcoder",
+    "skip_transcoder": "skip_transcoder",
+    "jumprelu_transcoder": "jumprelu_transcoder",
+    "jumprelu_skip_transcoder": "jumprelu_skip_transcoder",
+    "topk_transcoder": TOPK_TRANSCODER,
+    "topk_skip_transcoder": TOPK_SKIP_TRANSCODER,
+    "batchtopk_transcoder": "jumprelu_transcoder",
+    "batchtopk_skip_transcoder": "jumprelu_skip_transcoder",
+    "matryoshka_batchtopk_transcoder": "jumprelu_transcoder",
+    "matryoshka_batchtopk_skip_transcoder": "jumprelu_skip_transcoder",
+}
+
+
+def test_every_architecture_is_registered_and_has_settings() -> None:
+    assert set(SETTINGS) == set(TRAINING_CLASSES) == set(SAVED_AS)
+
+
+def _eval_tokens() -> torch.Tensor:
+    return torch.randint(1, D_VOCAB, (8, CONTEXT), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every architecture trained once on the tiny GPT-2 (MLP 1), with its metrics before and after."""
+    model = build_model("gpt2")
+    ids = torch.randint(1, D_VOCAB, (600, CONTEXT), generator=torch.Generator().manual_seed(1))
+    dataset = Dataset.from_dict({"input_ids": ids.tolist()})
+    root = tmp_path_factory.mktemp("architectures")
+    runs: dict[str, Any] = {}
+    for arch, settings in SETTINGS.items():
+        cfg = runner_config(
+            sae={"architecture": arch, "d_sae": D_SAE, **settings},
+            training_tokens=CONTEXT * 320,
+            output_path=str(root / arch),
+            checkpoint_path=str(root / f"{arch}-ckpt"),
+            n_checkpoints=1,
+        )
+        runner = TranscoderTrainingRunner(cfg, override_model=model, override_dataset=dataset)
+        before = evaluate_spliced(model, [Splice(runner.sae, cfg.hook_name, "blocks.1.hook_mlp_out")], _eval_tokens())
+        sae = runner.run()
+        after = evaluate_spliced(model, [sae], _eval_tokens())
+        runs[arch] = {"sae": sae, "out": root / arch, "ckpt": root / f"{arch}-ckpt", "before": before, "after": after}
+    return {"model": model, "runs": runs, "root": root}
+
+
+@pytest.mark.parametrize("arch", list(SETTINGS))
+def test_training_lowers_mse_and_raises_ev(trained: dict[str, Any], arch: str) -> None:
+    before, after = trained["runs"][arch]["before"], trained["runs"][arch]["after"]
+    assert after["mse"] < 0.5 * before["mse"]
+    assert after["explained_variance"] > max(0.4, before["explained_variance"] + 0.3)
+    k = SETTINGS[arch].get("k")
+    if arch.startswith("topk"):
+        assert after["l0"] == pytest.approx(k)
+    elif k is not None:  # BatchTopK's k is a mean over the batch; saved, a threshold keeps about k
+        assert k / 3 < after["l0"] < 3 * k
+
+
+@pytest.mark.parametrize("arch", list(SETTINGS))
+def test_saved_as_the_inference_class_and_checkpoints_keep_the_training_config(trained: dict[str, Any], arch: str) -> None:
+    run = trained["runs"][arch]
+    assert json.loads((run["out"] / "cfg.json").read_text())["architecture"] == SAVED_AS[arch]
+    (checkpoint,) = [p for p in Path(run["ckpt"]).rglob("layer_1") if p.is_dir()]
+    assert json.loads((checkpoint / "cfg.json").read_text())["architecture"] == SAVED_AS[arch]
+    assert json.loads((checkpoint / TRAINING_CFG_FILENAME).read_text())["architecture"] == arch
+
+
+LOAD_WITHOUT_PLUGIN = """
+import json, sys, torch
+from sae_lens import SAE
+x = torch.load(sys.argv[1])
+out = {}
+for directory in sys.argv[2:]:
+    try:
+        sae = SAE.load_from_disk(directory)
+    except Exception as e:
+        out[directory] = {"error": f"{type(e).__name__}: {e}"}
+        continue
+    out[directory] = {"class": type(sae).__name__, "y": sae(x), "acts": sae.encode(x)}
+assert "sae_lens_transcoder" not in sys.modules
+torch.save(out, sys.argv[1] + ".out")
+"""
+
+
+def test_saved_files_load_in_plain_sae_lens_and_topk_is_refused_naming_the_plugin(trained: dict[str, Any]) -> None:
+    root: Path = trained["root"]
+    x = torch.randn(32, D_MODEL) * 3
+    torch.save(x, root / "x.pt")
+    checkpoints = [next(p for p in Path(run["ckpt"]).rglob("layer_1") if p.is_dir()) for run in trained["runs"].values()]
+    dirs = [str(run["out"]) for run in trained["runs"].values()] + [str(p) for p in checkpoints]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_PLUGIN, str(root / "x.pt"), *dirs], capture_output=True, text=True, env=env, cwd=root
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = torch.load(str(root / "x.pt") + ".out")
+    for arch, run in trained["runs"].items():
+        got = loaded[str(run["out"])]
+        if SAVED_AS[arch].startswith("sae_lens_transcoder."):
+            assert "KeyError" in got["error"] and SAVED_AS[arch] in got["error"]
+            continue
+        expected = SAE.load_from_disk(run["out"])  # with the plugin: the same file, the same class
+        assert got["class"] == type(expected).__name__
+        with torch.no_grad():
+            torch.testing.assert_close(got["y"], expected(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got["acts"], expected.encode(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", list(SETTINGS))
+def test_the_saved_transcoder_computes_what_the_trained_one_does(trained: dict[str, Any], arch: str) -> None:
+    run = trained["runs"][arch]
+    loaded = SAE.load_from_disk(run["out"])  # TopK ones load here, with the plugin
+    splice = Splice.from_sae(run["sae"])  # the training object, as splicing and evals see it
+    x = torch.randn(32, D_MODEL) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), splice(x), rtol=1e-5, atol=1e-5)
+    if arch.startswith("topk"):
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), run["sae"](x), rtol=1e-5, atol=1e-5)
+
+
+def _step(sae: Any, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor | None = None, step: int = 0) -> TrainStepOutput:
+    coefficients = {k: getattr(v, "value", v) for k, v in sae.get_coefficients().items()}
+    return sae.training_forward_pass(
+        TrainStepInput(
+            sae_in=torch.cat([x, y], dim=-1), coefficients=coefficients, dead_neuron_mask=dead,
+            n_training_steps=step, is_logging_step=False,
+        )
+    )
+
+
+def test_jumprelu_threshold_gets_a_straight_through_gradient_from_the_reconstruction() -> None:
+    torch.manual_seed(0)
+    sae = JumpReLUTrainingTranscoder(
+        JumpReLUTrainingTranscoderConfig(d_in=16, d_sae=64, d_out=12, l0_coefficient=0.0, jumprelu_bandwidth=0.5)
+    )
+    x, y = torch.randn(128, 16), torch.randn(128, 12)
+    out = _step(sae, x, y)
+    assert out.losses["l0_loss"].item() == 0.0  # only the MSE can move the threshold here
+    out.loss.backward()
+    assert sae.threshold.grad is not None and sae.threshold.grad.abs().sum() > 0
+
+
+class _InputBasedAuxK(TopKTrainingTranscoder):
+    """What handing the transcoder's *input* to AuxK would do (the mistake the mixin avoids)."""
+
+    def calculate_aux_loss(self, step_input: Any, feature_acts: Any, hidden_pre: Any, sae_out: Any) -> Any:
+        return super().calculate_aux_loss(replace(step_input, sae_in=step_input.mlp_in), feature_acts, hidden_pre, sae_out)
+
+
+def _train_with_dead_latents(cls: type) -> tuple[int, float, float]:
+    """x lives in dims 0-3, y in dims 4-7. Latents 8-15 start dead; latents 0-7 can write nothing,
+    so only AuxK can bring the dead ones back. Returns (revived, MSE before, MSE after)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.zeros(1024, 8)
+    x[:, :4] = torch.randn(1024, 4, generator=generator)
+    y = torch.zeros(1024, 8)
+    y[:, 4:] = torch.relu(x[:, :4] @ torch.randn(4, 4, generator=generator)) * 3
+    torch.manual_seed(0)
+    cfg = TopKTrainingTranscoderConfig(
+        d_in=8, d_out=8, d_sae=16, k=1, b_enc_init="zeros", b_dec_init="zeros", rescale_acts_by_decoder_norm=False
+    )
+    sae = cls(cfg)
+    dead = torch.arange(16) >= 8
+    with torch.no_grad():
+        sae.b_enc[8:] = -5.0  # never in the top k
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    start = float((y - y.mean(0)).pow(2).sum(-1).mean())
+    for step in range(300):
+        out = _step(sae, x, y, dead, step)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            sae.W_dec[:8] = 0.0
+    with torch.no_grad():
+        revived = int((sae.encode(x)[:, 8:] > 0).any(dim=0).sum())
+    return revived, start, float(out.losses["mse_loss"].detach())
+
+
+def test_auxk_revives_dead_latents_against_the_target_where_the_input_based_loss_does_not() -> None:
+    revived, start, end = _train_with_dead_latents(TopKTrainingTranscoder)
+    assert revived >= 2 and end < 0.95 * start
+    revived_input_based, _, end_input_based = _train_with_dead_latents(_InputBasedAuxK)
+    assert revived_input_based == 0 and end_input_based >= start
+
+
+def _skip_transcoder() -> SkipTranscoder:
+    torch.manual_seed(3)
+    meta = SAEMetadata(hook_name="blocks.1.mlp.hook_in", hook_name_out="blocks.1.hook_mlp_out")
+    tc = SkipTranscoder(SkipTranscoderConfig(d_in=D_MODEL, d_sae=64, d_out=D_MODEL, apply_b_dec_to_input=False, metadata=meta))
+    with torch.no_grad():
+        for param in tc.parameters():
+            param.copy_(0.2 * torch.randn_like(param))
+    return tc
+
+
+def test_a_non_zero_skip_is_part_of_the_spliced_evaluation() -> None:
+    model = build_model("gpt2")
+    ensure_mlp_hook_in(model)
+    tc = _skip_transcoder()
+    tokens = _eval_tokens()
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in ("blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"))
+    x, y = cache["blocks.1.mlp.hook_in"], cache["blocks.1.hook_mlp_out"]
+    with_skip = evaluate_spliced(model, [tc], tokens)
+    with torch.no_grad():
+        expected_mse = float((tc(x) - y).pow(2).mean())  # per element, as evaluate_spliced
+        tc.W_skip.zero_()
+    without_skip = evaluate_spliced(model, [tc], tokens)
+    assert with_skip["mse"] != pytest.approx(without_skip["mse"], rel=1e-3)
+    assert with_skip["mse"] == pytest.approx(expected_mse, rel=1e-4)
+
+
+EXACT_SPARSE = [arch for arch, (_, cfg) in TRAINING_CLASSES.items() if cfg.sparse_decode_exact]
+
+
+@pytest.mark.parametrize("arch", EXACT_SPARSE)
+def test_the_sparse_decode_equals_the_dense_one_in_forward_and_gradients(arch: str) -> None:
+    sae_cls, cfg_cls = TRAINING_CLASSES[arch]
+    settings = {**SETTINGS[arch], "matryoshka_widths": [16, 64]} if "matryoshka" in arch else SETTINGS[arch]
+    x, y = torch.randn(64, 16), torch.randn(64, 12)
+    dead = torch.arange(64) % 2 == 0  # AuxK and the pre-activation loss run too
+    results = []
+    for impl in ("dense", "sparse"):
+        torch.manual_seed(1)
+        sae = sae_cls(cfg_cls(d_in=16, d_sae=64, d_out=12, decoder_impl=impl, **{k: v for k, v in settings.items() if k != "d_sae"}))
+        if sae.cfg.has_skip:
+            torch.nn.init.normal_(sae.W_skip, std=0.1)
+        out = _step(sae, x, y, dead)
+        out.loss.backward()
+        results.append((out.sae_out.detach(), {name: p.grad for name, p in sae.named_parameters()}))
+    (dense_out, dense_grads), (sparse_out, sparse_grads) = results
+    torch.testing.assert_close(sparse_out, dense_out, rtol=1e-5, atol=1e-5)
+    assert set(dense_grads) == set(sparse_grads)
+    for name, grad in dense_grads.items():
+        assert grad is not None and sparse_grads[name] is not None, name
+        torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_the_sparse_decode_is_refused_where_it_is_not_exact() -> None:
+    with pytest.raises(ValueError, match="decoder_impl='sparse' is not exact for jumprelu_transcoder"):
+        JumpReLUTrainingTranscoderConfig(d_in=16, d_sae=64, decoder_impl="sparse")
+
+
+@pytest.mark.parametrize("arch", list(SETTINGS))
+def test_every_architecture_parses_from_a_dict_and_the_cli(arch: str) -> None:
+    from sae_lens_transcoder.config_io import runner_config_from_args
+
+    _, cfg_cls = TRAINING_CLASSES[arch]
+    cfg = LanguageModelSAERunnerConfig.from_dict(
+        {"sae": {"architecture": arch, "d_in": 64, "d_sae": 256, **SETTINGS[arch]}, "logger": {"log_to_wandb": False}}
+    )
+    assert type(cfg.sae) is cfg_cls
+    cli = runner_config_from_args(["--architecture", arch, "--d_in", "64", "--d_sae", "256", "--mlp_layer", "1"])
+    assert type(cli.sae) is cfg_cls and cli.sae.mlp_layer == 1
