@@ -24,6 +24,12 @@ from sae_lens.saes.transcoder import (
 from transformer_lens import HookedTransformer
 
 import sae_lens_transcoder.export.circuit_tracer as ct
+from sae_lens_transcoder.saes.topk_transcoder import (
+    TopKSkipTranscoder,
+    TopKSkipTranscoderConfig,
+    TopKTranscoder,
+    TopKTranscoderConfig,
+)
 from sae_lens_transcoder import TrainingTranscoder, TrainingTranscoderConfig
 from sae_lens_transcoder.cli import main
 from sae_lens_transcoder.evals import evaluate_spliced
@@ -43,7 +49,10 @@ CLASSES: dict[str, tuple[type[Transcoder], type[TranscoderConfig]]] = {
     "skip_transcoder": (SkipTranscoder, SkipTranscoderConfig),
     "jumprelu_transcoder": (JumpReLUTranscoder, JumpReLUTranscoderConfig),
     "jumprelu_skip_transcoder": (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig),
+    "topk_transcoder": (TopKTranscoder, TopKTranscoderConfig),
+    "topk_skip_transcoder": (TopKSkipTranscoder, TopKSkipTranscoderConfig),
 }
+TOPK_K = 12
 
 
 def make_transcoder(
@@ -60,6 +69,8 @@ def make_transcoder(
 ) -> Transcoder:
     """A transcoder with random non-trivial weights: biases, skip and thresholds all matter."""
     sae_cls, cfg_cls = CLASSES[arch]
+    if arch.startswith("topk"):
+        cfg.setdefault("k", TOPK_K)
     config = cfg_cls(d_in=D_MODEL, d_sae=d_sae, d_out=d_out, dtype=dtype, apply_b_dec_to_input=False, **cfg)
     config.metadata = SAEMetadata(
         model_name="test-model",
@@ -99,11 +110,16 @@ def mlp_inputs(model: HookedTransformer, tokens: torch.Tensor) -> dict[int, torc
     return {layer: cache[name].reshape(-1, D_MODEL) for layer, name in enumerate(names)}
 
 
-def circuit_tracer_forward(tensors: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """circuit-tracer's SingleLayerTranscoder.forward, written from its documented semantics."""
+def circuit_tracer_forward(tensors: dict[str, torch.Tensor], x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """circuit-tracer's SingleLayerTranscoder.forward, written from its documented semantics
+    (upstream's TopK keeps the k largest pre-activations as they are)."""
     pre = F.linear(x, tensors["W_enc"], tensors["b_enc"])
     thr = tensors.get("activation_function.threshold")
-    acts = F.relu(pre) if thr is None else pre * (pre > thr)
+    if k is not None:
+        top = pre.topk(k, dim=-1)
+        acts = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+    else:
+        acts = F.relu(pre) if thr is None else pre * (pre > thr)
     out = acts @ tensors["W_dec"] + tensors["b_dec"]
     if "W_skip" in tensors:
         out = out + x @ tensors["W_skip"].T
@@ -121,6 +137,9 @@ def test_round_trip_keeps_class_hooks_and_outputs(arch: str, tmp_path: Path, mlp
     out = export_circuit_tracer(saes, tmp_path / "ct", "test-model")
     loaded = load_circuit_tracer_transcoders(out)
     assert [s.layer for s in loaded] == [0, 1]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    k = config.get("k")
+    assert (config.get("activation"), k) == (("topk", TOPK_K) if arch.startswith("topk") else (None, None))
     for splice, sae in zip(loaded, saes[::-1]):
         x = mlp_inputs[splice.layer]
         assert type(splice.transcoder) is type(sae)
@@ -129,7 +148,13 @@ def test_round_trip_keeps_class_hooks_and_outputs(arch: str, tmp_path: Path, mlp
         expected = sae(x)
         assert_close(splice(x), expected)
         files = load_file(out / f"layer_{splice.layer}.safetensors")
-        assert_close(circuit_tracer_forward(files, x), expected)
+        if k is not None:  # upstream has no ReLU after the top-k: equal where the k kept are positive
+            pre = x @ sae.W_enc + sae.b_enc
+            positive = pre.topk(k, dim=-1).values.min(dim=-1).values > 0
+            assert positive.sum() > len(x) / 2
+            assert_close(circuit_tracer_forward(files, x, k)[positive], expected[positive])
+        else:
+            assert_close(circuit_tracer_forward(files, x), expected)
         if isinstance(sae, JumpReLUTranscoder):  # the thresholds really cut features here
             pre = x @ sae.W_enc + sae.b_enc
             assert ((pre > 0) & (pre <= sae.threshold)).sum() > 100
