@@ -210,10 +210,25 @@ def validate_runner_config(
             "TransformerLens HookedTransformer (its MLP hooks). Set model_class_name: HookedTransformer."
         )
     _fit_mixing_buffer(cfg)
+    _warn_if_dead_features_never_handled(cfg)
     _resolve_hooks(cfg)
     _check_dataset(cfg, override_dataset)
     for field in ("resume_from_checkpoint", "from_pretrained_path"):
         _check_saved_sae_for_training(cfg, field)
+
+
+def _warn_if_dead_features_never_handled(cfg: LanguageModelSAERunnerConfig[Any]) -> None:
+    """AuxK and the pre-activation loss act on latents dead for ``dead_feature_window`` steps;
+    SAELens's default (1000) is longer than many runs, and then they never act."""
+    acts_on_dead = getattr(cfg.sae, "aux_loss_coefficient", 0) or getattr(cfg.sae, "pre_act_loss_coefficient", None)
+    steps = cfg.training_tokens // cfg.train_batch_size_tokens
+    if acts_on_dead and cfg.dead_feature_window >= steps:
+        logger.warning(
+            "dead_feature_window=%d is not shorter than the run (%d steps): no latent is ever counted dead, so "
+            "%s never runs. Set dead_feature_window to a fraction of the run (e.g. %d).",
+            cfg.dead_feature_window, steps, "AuxK" if hasattr(cfg.sae, "aux_loss_coefficient") else "the pre-activation loss",
+            max(1, steps // 8),
+        )
 
 
 def _fit_mixing_buffer(cfg: LanguageModelSAERunnerConfig[Any]) -> None:

@@ -302,3 +302,18 @@ def test_every_architecture_parses_from_a_dict_and_the_cli(arch: str) -> None:
     assert type(cfg.sae) is cfg_cls
     cli = runner_config_from_args(["--architecture", arch, "--d_in", "64", "--d_sae", "256", "--mlp_layer", "1"])
     assert type(cli.sae) is cfg_cls and cli.sae.mlp_layer == 1
+
+
+def test_a_dead_feature_window_longer_than_the_run_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    from sae_lens_transcoder.validation import validate_runner_config
+
+    dataset = Dataset.from_dict({"input_ids": [[1] * CONTEXT] * 4})
+    cfg = runner_config(sae={"architecture": "topk_transcoder", "k": 8}, training_tokens=256 * 40, dead_feature_window=1000)
+    with caplog.at_level("WARNING"):
+        validate_runner_config(cfg, dataset)
+    assert "dead_feature_window=1000" in caplog.text and "AuxK never runs" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        cfg = runner_config(sae={"architecture": "topk_transcoder", "k": 8}, training_tokens=256 * 40, dead_feature_window=5)
+        validate_runner_config(cfg, dataset)
+    assert "dead_feature_window" not in caplog.text
