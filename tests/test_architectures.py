@@ -13,9 +13,8 @@ import pytest
 import torch
 from datasets import Dataset
 from sae_lens import LanguageModelSAERunnerConfig
-from sae_lens.saes.sae import SAE, TrainStepInput, TrainStepOutput
+from sae_lens.saes.sae import SAE, SAEMetadata, TrainStepInput, TrainStepOutput
 from sae_lens.saes.transcoder import SkipTranscoder, SkipTranscoderConfig
-from sae_lens.saes.sae import SAEMetadata
 
 from sae_lens_transcoder import TranscoderTrainingRunner
 from sae_lens_transcoder.evals import evaluate_spliced

@@ -29,14 +29,19 @@ class TopKTranscoderConfig(TranscoderConfig):
         return TOPK_TRANSCODER
 
 
-class TopKTranscoder(Transcoder):
+class _TopKActivation:
+    """SAELens's ``TopK`` as the activation of a SAELens transcoder class."""
+
+    cfg: "TopKTranscoderConfig | TopKSkipTranscoderConfig"
+
+    def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return TopK(self.cfg.k)
+
+
+class TopKTranscoder(_TopKActivation, Transcoder):
     """``z = ReLU(TopK_k(x @ W_enc + b_enc))``, ``y_hat = z @ W_dec + b_dec`` (decoder norms folded)."""
 
     cfg: TopKTranscoderConfig  # type: ignore[assignment]
-
-    @override
-    def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        return TopK(self.cfg.k)
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any]) -> "TopKTranscoder":
@@ -55,14 +60,10 @@ class TopKSkipTranscoderConfig(SkipTranscoderConfig):
         return TOPK_SKIP_TRANSCODER
 
 
-class TopKSkipTranscoder(SkipTranscoder):
+class TopKSkipTranscoder(_TopKActivation, SkipTranscoder):
     """:class:`TopKTranscoder` plus ``x @ W_skip.T``."""
 
     cfg: TopKSkipTranscoderConfig  # type: ignore[assignment]
-
-    @override
-    def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        return TopK(self.cfg.k)
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any]) -> "TopKSkipTranscoder":
