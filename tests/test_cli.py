@@ -10,6 +10,7 @@ from datasets import Dataset
 from sae_lens import SAE, LanguageModelSAERunnerConfig, LoggingConfig, Transcoder
 
 from sae_lens_transcoder import TrainingTranscoderConfig, TranscoderTrainingRunner
+from sae_lens_transcoder.saes.mixin import TranscoderConfigMixin
 from sae_lens_transcoder.cli import main
 from sae_lens_transcoder.config_io import runner_config_from_args, runner_config_from_dict
 from tests.conftest import build_model, runner_config
@@ -111,7 +112,7 @@ def test_shipped_configs_parse_and_validate(config: Path) -> None:
 
     cfg = runner_config_from_args([], config_file=config)
     validate_runner_config(cfg)
-    assert isinstance(cfg.sae, TrainingTranscoderConfig) and cfg.sae.hook_name_out.endswith("hook_mlp_out")
+    assert isinstance(cfg.sae, TranscoderConfigMixin) and cfg.sae.hook_name_out.endswith("hook_mlp_out")
 
 
 def test_cli_evaluates_saved_transcoders_alone_and_together(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
