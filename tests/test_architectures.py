@@ -316,3 +316,16 @@ def test_a_dead_feature_window_longer_than_the_run_is_warned_about(caplog: pytes
         cfg = runner_config(sae={"architecture": "topk_transcoder", "k": 8}, training_tokens=256 * 40, dead_feature_window=5)
         validate_runner_config(cfg, dataset)
     assert "dead_feature_window" not in caplog.text
+
+
+def test_the_batchtopk_threshold_starts_at_the_first_batch_cut_then_follows_sae_lens_ema() -> None:
+    sae_cls, cfg_cls = TRAINING_CLASSES["batchtopk_transcoder"]
+    torch.manual_seed(0)
+    sae = sae_cls(cfg_cls(d_in=16, d_sae=64, d_out=12, k=4, topk_threshold_lr=0.01))
+    x, y = torch.randn(64, 16), torch.randn(64, 12)
+    first = _step(sae, x, y).feature_acts
+    assert float(sae.topk_threshold) == pytest.approx(float(first[first > 0].min()))
+    before = float(sae.topk_threshold)
+    second = _step(sae, 2 * x, y, step=1).feature_acts
+    expected = 0.99 * before + 0.01 * float(second[second > 0].min())
+    assert float(sae.topk_threshold) == pytest.approx(expected)

@@ -195,7 +195,6 @@ class TranscoderMixin:
     b_enc: nn.Parameter
     b_dec: nn.Parameter
     W_skip: nn.Parameter
-    topk_threshold: torch.Tensor
     _data_init_pending: dict[str, bool]
 
     def split_packed(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +221,6 @@ class TranscoderMixin:
         given = {f.name: getattr(step_input, f.name) for f in fields(step_input)}  # no copies
         transcoder_input = TranscoderStepInput(**(given | {"sae_in": target, "mlp_in": x}))
         output: TrainStepOutput = super().training_forward_pass(transcoder_input)  # type: ignore[misc]
-        self._init_topk_threshold_from_data(output.feature_acts)
         if skip is None:
             return output
         # Explained variance and the logged reconstruction are of the MLP output itself.
@@ -269,20 +267,7 @@ class TranscoderMixin:
             self.b_dec.copy_(y.mean(0))
         if self._data_init_pending["b_enc"]:
             self.b_enc.copy_(-(x.mean(0).to(self.W_enc.dtype) @ self.W_enc))
-        self._data_init_pending = {**self._data_init_pending, "b_dec": False, "b_enc": False}
-
-    @torch.no_grad()
-    def _init_topk_threshold_from_data(self, feature_acts: torch.Tensor) -> None:
-        # BatchTopK's inference threshold is an EMA (rate topk_threshold_lr) of the smallest
-        # kept activation, started at 0: at 0.01 it needs ~300 steps to get near its value, and
-        # until then the saved JumpReLU fires on far more than k features. Start it at the
-        # first batch's value instead.
-        if not self._data_init_pending.get("topk_threshold") or not hasattr(self, "topk_threshold"):
-            return
-        positive = feature_acts[feature_acts > 0]
-        if positive.numel():
-            self.topk_threshold = positive.min().to(self.topk_threshold.dtype)
-        self._data_init_pending["topk_threshold"] = False
+        self._data_init_pending |= {"b_dec": False, "b_enc": False}
 
     def load_weights_from_checkpoint(self, checkpoint_path: Path | str) -> None:
         # A checkpoint holds the inference transcoder (scale and decoder norms folded) for

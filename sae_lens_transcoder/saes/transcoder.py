@@ -27,6 +27,8 @@ architecture                        trained as                        saved as
 
 from dataclasses import dataclass
 
+import torch
+
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 from sae_lens.saes.matryoshka_batchtopk_sae import (
@@ -38,17 +40,10 @@ from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEC
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from typing_extensions import override
 
-from sae_lens_transcoder.saes.mixin import (
-    SUPPORTED_NORMALIZATIONS,
-    TranscoderConfigMixin,
-    TranscoderMixin,
-    TranscoderTrainingCore,
-)
+from sae_lens_transcoder.saes.mixin import TranscoderConfigMixin, TranscoderMixin, TranscoderTrainingCore
 from sae_lens_transcoder.saes.topk_transcoder import TOPK_SKIP_TRANSCODER, TOPK_TRANSCODER
 
-ARCHITECTURE = "transcoder"
-
-__all__ = ["ARCHITECTURE", "SUPPORTED_NORMALIZATIONS", "TRAINING_CLASSES", "TrainingTranscoder", "TrainingTranscoderConfig"]
+__all__ = ["TRAINING_CLASSES", "TrainingTranscoder", "TrainingTranscoderConfig"]
 
 
 # ---------------------------------------------------------------------------- ReLU + L1
@@ -63,7 +58,7 @@ class TrainingTranscoderConfig(TranscoderConfigMixin, StandardTrainingSAEConfig)
     @override
     @classmethod
     def architecture(cls) -> str:
-        return ARCHITECTURE
+        return "transcoder"
 
 
 class TrainingTranscoder(TranscoderMixin, StandardTrainingSAE, TranscoderTrainingCore):  # type: ignore[misc]
@@ -155,6 +150,24 @@ class TopKSkipTrainingTranscoder(TopKTrainingTranscoder):
 # ---------------------------------------------------------------------------- BatchTopK
 
 
+class _ThresholdFromFirstBatch:
+    """BatchTopK's saved threshold is an EMA (rate ``topk_threshold_lr``) of the smallest kept
+    activation, started at 0: at 0.01 it needs ~300 steps to near its value, and until then the
+    saved JumpReLU fires on far more than ``k`` features. Start it at the first batch's value."""
+
+    topk_threshold: torch.Tensor
+    _data_init_pending: dict[str, bool]
+
+    @torch.no_grad()
+    def update_topk_threshold(self, acts_topk: torch.Tensor) -> None:
+        positive = acts_topk[acts_topk > 0]
+        if not self._data_init_pending["topk_threshold"] or not positive.numel():
+            super().update_topk_threshold(acts_topk)  # type: ignore[misc]
+            return
+        self.topk_threshold = positive.min().to(self.topk_threshold.dtype)
+        self._data_init_pending["topk_threshold"] = False
+
+
 @dataclass
 class BatchTopKTrainingTranscoderConfig(TranscoderConfigMixin, BatchTopKTrainingSAEConfig):
     inference_architecture = "jumprelu_transcoder"
@@ -165,7 +178,9 @@ class BatchTopKTrainingTranscoderConfig(TranscoderConfigMixin, BatchTopKTraining
         return "batchtopk_transcoder"
 
 
-class BatchTopKTrainingTranscoder(TranscoderMixin, BatchTopKTrainingSAE, TranscoderTrainingCore):  # type: ignore[misc]
+class BatchTopKTrainingTranscoder(  # type: ignore[misc]
+    TranscoderMixin, _ThresholdFromFirstBatch, BatchTopKTrainingSAE, TranscoderTrainingCore
+):
     cfg: BatchTopKTrainingTranscoderConfig  # type: ignore[assignment]
 
 
@@ -198,7 +213,7 @@ class MatryoshkaBatchTopKTrainingTranscoderConfig(TranscoderConfigMixin, Matryos
 
 
 class MatryoshkaBatchTopKTrainingTranscoder(  # type: ignore[misc]
-    TranscoderMixin, MatryoshkaBatchTopKTrainingSAE, TranscoderTrainingCore
+    TranscoderMixin, _ThresholdFromFirstBatch, MatryoshkaBatchTopKTrainingSAE, TranscoderTrainingCore
 ):
     cfg: MatryoshkaBatchTopKTrainingTranscoderConfig  # type: ignore[assignment]
 
