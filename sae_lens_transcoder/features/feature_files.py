@@ -269,7 +269,7 @@ def build_feature_files(
         for j, index in enumerate(scan.features.tolist()):
             act_max = float(scan.top.values[j].max().clamp_min(0))
             n_active = int(scan.n_active[j])
-            quantiles = scan.histogram.quantiles(j, _PERCENTILES)
+            quantiles = scan.histogram.quantiles(j, _PERCENTILES).clamp(max=act_max)  # the max is exact
             if n_active:
                 quantiles[-1] = act_max
             logit_lens, de_embedding = _scored(model, lens[j], options.n_logits), _scored(model, de_embed[j], options.n_logits)
@@ -329,19 +329,27 @@ def write_feature_files(
 
 
 def graph_features(graph: Mapping[str, Any]) -> dict[int, list[int]]:
-    """The transcoder features (layer -> raw indices) among a graph JSON's nodes."""
+    """The transcoder features (layer -> raw indices) among a graph JSON's nodes.
+
+    Warns once when the graph's ``feature`` fields are not cantor-paired ids: files are named
+    by the cantor id, which is where circuit-tracer's viewer looks, so such a graph (written
+    before it followed that convention) opens in our viewer but not in circuit-tracer's.
+    """
     features: dict[int, set[int]] = {}
+    unpaired = []
     for node in graph.get("nodes", []):
         found = node_feature(node)
         if found is not None:
             layer, index = found
             features.setdefault(layer, set()).add(index)
-            if node.get("feature") not in (cantor_pair(layer, index), None):
-                warnings.warn(
-                    f"graph node {node['node_id']}: feature={node['feature']} is not cantor({layer}, {index}) = "
-                    f"{cantor_pair(layer, index)}, so circuit-tracer's viewer will look for another file name.",
-                    stacklevel=2,
-                )
+            if node.get("feature") != cantor_pair(layer, index):
+                unpaired.append(str(node["node_id"]))
+    if unpaired:
+        warnings.warn(
+            f"{len(unpaired)} feature nodes (e.g. {unpaired[0]}) have a 'feature' that is not cantor(layer, index): "
+            "circuit-tracer's viewer will not find their feature files; re-export the graph with cantor ids.",
+            stacklevel=2,
+        )
     return {layer: sorted(ids) for layer, ids in sorted(features.items())}
 
 
