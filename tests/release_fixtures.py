@@ -11,8 +11,8 @@ resolve files from that cache. Two things the cache alone cannot give:
 - SAELens's ``gemma_3`` config reader fetches each ``params.safetensors`` header with HTTP range
   requests (``get_safetensors_tensor_shapes``, plain ``requests``, not ``hf_hub_download``), so
   :func:`local_hub` also serves the same snapshot on 127.0.0.1 and points ``HF_ENDPOINT`` at it.
-  Only loopback is used. Do not combine it with ``tests.conftest.offline``, which refuses every
-  non-Unix socket, loopback included.
+  It refuses every other connection itself, so do not add ``tests.conftest.offline`` (which
+  refuses loopback too).
 - SAELens's ``gemma_2_transcoder`` config reader hard-codes the real widths (d_sae from
   ``width_16k`` in the id, d_model 2304 from the repo id). :func:`gemma_scope_2b_transcoders`
   passes its loader, unchanged, as ``from_pretrained``'s ``converter`` with the tiny shapes added
@@ -28,12 +28,14 @@ import io
 import json
 import os
 import re
+import socket
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import huggingface_hub.constants
 import numpy as np
@@ -59,6 +61,8 @@ class LocalHub:
 
     cache_dir: Path
     endpoint: str = ""
+    served: list[str] = field(default_factory=list)
+    """Each HTTP request the endpoint answered, as ``"{path} {range}"``."""
 
     def repo_dir(self, repo_id: str) -> Path:
         return self.cache_dir / ("models--" + repo_id.replace("/", "--"))
@@ -87,9 +91,10 @@ class _ResolveHandler(BaseHTTPRequestHandler):
     hub: LocalHub
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self.hub.served.append(f"{self.path} {self.headers.get('Range', '')}".strip())
         match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", self.path)
-        file = self.hub.snapshot(match.group(1)) / match.group(3) if match else None
-        if file is None or not file.is_file():
+        file = self.hub.snapshot(match.group(1)) / unquote(match.group(3)) if match else None
+        if file is None or ".." in file.parts or not file.is_file():
             self.send_error(404, "Entry not found")
             return
         data = file.read_bytes()
@@ -104,6 +109,18 @@ class _ResolveHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
         """Quiet: pytest output should not carry one line per range request."""
+
+
+def _only_this_server(monkeypatch: pytest.MonkeyPatch, port: int) -> None:
+    """Refuse sockets to anything but the local hub, as ``tests.conftest.go_offline`` does to all."""
+    connect = socket.socket.connect
+
+    def local_only(sock: socket.socket, address: Any) -> None:
+        if sock.family != socket.AF_UNIX and tuple(address[:2]) != ("127.0.0.1", port):
+            raise OSError(f"network access attempted: {address!r} (only the local hub on 127.0.0.1:{port} is allowed)")
+        connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", local_only)
 
 
 @pytest.fixture
@@ -126,6 +143,7 @@ def local_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Local
     monkeypatch.setattr(
         huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
     )
+    _only_this_server(monkeypatch, server.server_port)
     yield hub
     server.shutdown()
     server.server_close()
@@ -210,8 +228,10 @@ def gemma_scope_2_transcoders(
     return ReleaseTranscoders(release, repo_id, sae_ids, _load(release, sae_ids), raw)
 
 
-def qwen3_transcoders(hub: LocalHub, *, d_model: int, d_sae: int, n_layers: int, seed: int = 0) -> ReleaseTranscoders:
-    """Qwen3 transcoders (``mwhanna-qwen3-0.6b-transcoders-lowl0``, the set circuit-tracer uses), ReLU.
+def qwen3_transcoders(
+    hub: LocalHub, *, d_model: int, d_sae: int, n_layers: int, release: str = QWEN3_RELEASE, seed: int = 0
+) -> ReleaseTranscoders:
+    """Qwen3 transcoders (``mwhanna-qwen3-{size}-transcoders[-lowl0]``, the sets circuit-tracer uses), ReLU.
 
     The repo holds ``layer_{L}.safetensors`` (bfloat16, as released: ``W_enc [d_sae, d_model]``,
     i.e. transposed from SAELens, ``W_dec [d_sae, d_model]``, ``b_enc``, ``b_dec``),
@@ -220,8 +240,11 @@ def qwen3_transcoders(hub: LocalHub, *, d_model: int, d_sae: int, n_layers: int,
     ``blocks.L.mlp.hook_in`` → ``blocks.L.hook_mlp_out`` with ``model_from_pretrained_kwargs``
     ``{"fold_ln": False}`` and casts the weights to float32.
     """
+    size = re.fullmatch(r"mwhanna-qwen3-([\d.]+)b-transcoders(-lowl0)?", release)
+    if size is None:
+        raise ValueError(f"{release!r} is not one of SAELens's mwhanna-qwen3-*-transcoders releases.")
     sae_ids = [f"layer_{layer}" for layer in range(n_layers)]
-    repo_id, paths = _release_entry(QWEN3_RELEASE, sae_ids)
+    repo_id, paths = _release_entry(release, sae_ids)
     raw = []
     for layer, path in enumerate(paths):
         g = _generator(seed, layer)
@@ -232,16 +255,16 @@ def qwen3_transcoders(hub: LocalHub, *, d_model: int, d_sae: int, n_layers: int,
         hub.write(repo_id, path, save(tensors))
         raw.append(tensors)
     hub.write(repo_id, "config.yaml", yaml.safe_dump({
-        "model_name": "Qwen/Qwen3-0.6B", "model_kind": "transcoder_set",
+        "model_name": f"Qwen/Qwen3-{size.group(1)}B", "model_kind": "transcoder_set",
         "feature_input_hook": "mlp.hook_in", "feature_output_hook": "hook_mlp_out",
-        "scan": "qwen3-0.6b-transcoders-lowl0",
+        "scan": repo_id.split("/")[1],
         "transcoders": [f"hf://{repo_id}/{path}" for path in paths],
     }).encode())
     hub.write(repo_id, "wandb-config.yaml", yaml.safe_dump({
         "_wandb": {"value": {"cli_version": "0.19.1"}}, "d_model": {"value": d_model}, "d_feature": {"value": d_sae},
         "batch_size": {"value": 4096}, "lr": {"value": 2e-4},
     }).encode())
-    return ReleaseTranscoders(QWEN3_RELEASE, repo_id, sae_ids, _load(QWEN3_RELEASE, sae_ids), raw)
+    return ReleaseTranscoders(release, repo_id, sae_ids, _load(release, sae_ids), raw)
 
 
 def _with_shapes(d_model: int, d_sae: int) -> Callable[..., tuple[dict[str, Any], dict[str, torch.Tensor], torch.Tensor | None]]:

@@ -7,6 +7,7 @@ dtype cast in the conversion shows up).
 """
 
 import json
+import socket
 
 import pytest
 import torch
@@ -64,6 +65,8 @@ def test_gemma_scope_2(local_hub: LocalHub, affine: bool) -> None:
                 check_close(sae.W_skip, raw["affine_skip_connection"].T)
                 expected = expected + x @ raw["affine_skip_connection"]
             check_close(sae(x), expected)
+    header_reads = [r for r in local_hub.served if r.endswith(("bytes=0-7",)) and "params.safetensors" in r]
+    assert len(header_reads) == N_LAYERS  # SAELens read each file's shapes from the local endpoint
 
 
 def test_qwen3(local_hub: LocalHub) -> None:
@@ -83,6 +86,18 @@ def test_qwen3(local_hub: LocalHub) -> None:
         with torch.no_grad():
             check_close(sae.encode(x), acts)
             check_close(sae(x), acts @ w["W_dec"] + w["b_dec"])
+    assert local_hub.served == []  # everything came from the cache
+
+
+def test_qwen3_other_release(local_hub: LocalHub) -> None:
+    loaded = qwen3_transcoders(local_hub, d_model=D_MODEL, d_sae=D_SAE, n_layers=1, release="mwhanna-qwen3-4b-transcoders")
+    assert loaded.repo_id == "mwhanna/qwen3-4b-transcoders"
+    assert loaded.transcoders[0].cfg.metadata.model_name == "Qwen/Qwen3-4B"
+
+
+def test_nothing_but_the_local_hub_is_reachable(local_hub: LocalHub) -> None:
+    with pytest.raises(OSError, match="network access attempted"):
+        socket.create_connection(("127.0.0.1", 9), timeout=1)
 
 
 def test_gemma_scope_2b(local_hub: LocalHub) -> None:
