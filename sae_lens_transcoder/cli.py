@@ -20,6 +20,7 @@ from sae_lens_transcoder.circuits.command import attribute
 from sae_lens_transcoder.config_io import runner_config_from_args
 from sae_lens_transcoder.evals import evaluate_spliced
 from sae_lens_transcoder.export.circuit_tracer import export_circuit_tracer
+from sae_lens_transcoder.features.command import features
 from sae_lens_transcoder.llm_transcoder_training_runner import TranscoderTrainingRunner
 from sae_lens_transcoder.loading import load_model_for, load_transcoders
 from sae_lens_transcoder.plots import plot_feature_density
@@ -28,6 +29,7 @@ from sae_lens_transcoder.splicing import as_splices
 from sae_lens_transcoder.validation import check_number, check_splices_fit_model, exit_on_bad_input
 from sae_lens_transcoder.training.activations_store import NonFiniteActivationsError
 from sae_lens_transcoder.training.trainer import NonFiniteLossError, TrainingInterrupted
+from sae_lens_transcoder.viewer.command import serve
 
 
 def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -182,7 +184,9 @@ def export(argv: Sequence[str]) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": train, "evaluate": evaluate, "export": export, "attribute": attribute}
+    commands = {
+        "train": train, "evaluate": evaluate, "export": export, "attribute": attribute, "features": features, "serve": serve,
+    }
     if not argv or argv[0] not in commands:
         print(f"usage: sae-lens-transcoder {{{','.join(commands)}}} [options]", file=sys.stderr)
         raise SystemExit(2)
