@@ -1,24 +1,19 @@
 """Attribution graphs written out: viewer JSON (against its schema), head folding, HTML, PNG, path text."""
 
 import json
-import math
 import re
 import struct
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import torch
 
 from sae_lens_transcoder.circuits import Node, logit_target, trace_prompt
 from sae_lens_transcoder.circuits.graph import AttributionGraph, build_graph, merge_positions, prune
-from sae_lens_transcoder.circuits.graph_json import (
-    fold_attention_heads,
-    graph_to_json,
-    json_node_ids,
-    load_graph_schema,
-    save_graph_json,
-)
+from sae_lens_transcoder.circuits.graph_fold import fold_attention_heads, fold_extra_nodes
+from sae_lens_transcoder.circuits.graph_json import cantor, graph_to_json, load_graph_schema, save_graph_json
 from sae_lens_transcoder.circuits.graph_plot import format_paths, save_graph_html, save_graph_png
 from sae_lens_transcoder.circuits.paths import find_paths
 from sae_lens_transcoder.circuits.trace import Trace
@@ -26,53 +21,8 @@ from tests.circuit_fixtures import random_transcoder
 from tests.conftest import build_model
 from tests.test_circuits_paths_graph import ANSWER, F0, F1, PROMPT, TOKEN_A, TOKEN_B, _known_circuit
 
-_TYPES = {
-    "object": dict, "array": list, "string": str, "boolean": bool, "null": type(None),
-    "integer": int, "number": (int, float),
-}
-
-
-def _mini_validate(value: Any, schema: dict[str, Any], root: dict[str, Any], where: str = "$") -> None:
-    """The subset of JSON Schema that graph_schema.json uses (jsonschema is not installed here)."""
-    if "$ref" in schema:
-        name = schema["$ref"].removeprefix("#/$defs/")
-        return _mini_validate(value, root["$defs"][name], root, where)
-    if "type" in schema:
-        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        ok = any(isinstance(value, _TYPES[t]) and not (t in ("integer", "number") and isinstance(value, bool)) for t in types)
-        assert ok, f"{where}: {value!r} is not of type {types}"
-    if "enum" in schema:
-        assert value in schema["enum"], f"{where}: {value!r} not in {schema['enum']}"
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        assert math.isfinite(value), f"{where}: {value!r} is not finite"
-        assert value >= schema.get("minimum", -math.inf), f"{where}: {value} < minimum"
-        assert value <= schema.get("maximum", math.inf), f"{where}: {value} > maximum"
-    if isinstance(value, str):
-        assert len(value) >= schema.get("minLength", 0), f"{where}: too short"
-        if "pattern" in schema:
-            assert re.search(schema["pattern"], value), f"{where}: {value!r} does not match {schema['pattern']}"
-    if isinstance(value, dict):
-        missing = set(schema.get("required", [])) - set(value)
-        assert not missing, f"{where}: missing {missing}"
-        properties = schema.get("properties", {})
-        if schema.get("additionalProperties") is False:
-            assert set(value) <= set(properties), f"{where}: unexpected {set(value) - set(properties)}"
-        for key, item in value.items():
-            if key in properties:
-                _mini_validate(item, properties[key], root, f"{where}.{key}")
-    if isinstance(value, list) and "items" in schema:
-        for i, item in enumerate(value):
-            _mini_validate(item, schema["items"], root, f"{where}[{i}]")
-
-
 def validate(data: dict[str, Any]) -> None:
-    schema = load_graph_schema()
-    try:
-        import jsonschema
-    except ImportError:
-        _mini_validate(data, schema, schema)
-    else:
-        jsonschema.Draft202012Validator(schema).validate(data)
+    jsonschema.Draft202012Validator(load_graph_schema()).validate(data)
 
 
 def check_consistent(data: dict[str, Any]) -> None:
@@ -85,6 +35,13 @@ def check_consistent(data: dict[str, Any]) -> None:
     viewer_keys = [(n["layer"], n["feature"], n["ctx_idx"]) for n in data["nodes"]]
     assert len(set(viewer_keys)) == len(viewer_keys)
     assert all(n["ctx_idx"] < len(data["metadata"]["prompt_tokens"]) for n in data["nodes"])
+    for n in data["nodes"]:
+        if n["feature_type"] == "cross layer transcoder":
+            layer, index, pos = map(int, n["node_id"].split("_"))
+            assert (n["feature"], n["layer"], n["ctx_idx"]) == (cantor(layer, index), str(layer), pos)
+            assert n["jsNodeId"] == f"{layer}_{index}-0"
+        elif n["feature_type"] == "mlp reconstruction error":
+            assert n["node_id"] == f"{n['layer']}_-1_{n['ctx_idx']}" and n["feature"] == -1 and n["activation"] is None
     logits = [n for n in data["nodes"] if n["feature_type"] == "logit"]
     assert all(re.fullmatch(r'Output "[^"]*" \(p=[0-9.]+\)', n["clerp"]) for n in logits)
     numeric = [int(n["layer"]) for n in data["nodes"] if n["layer"] != "E" and n["feature_type"] != "logit"]
@@ -97,9 +54,10 @@ def links_of(data: dict[str, Any]) -> dict[tuple[str, str], float]:
 
 @pytest.fixture(scope="module")
 def known() -> tuple[Trace, AttributionGraph]:
+    """The hand-built circuit's unpruned graph."""
     model, transcoders = _known_circuit()
     trace = trace_prompt(model, transcoders, PROMPT)
-    return trace, prune(build_graph(trace, logit_target(trace, 4, ANSWER)), node_threshold=0.99)
+    return trace, build_graph(trace, logit_target(trace, 4, ANSWER))
 
 
 @pytest.fixture(scope="module")
@@ -114,52 +72,68 @@ def random_graph() -> tuple[Trace, AttributionGraph]:
 
 def test_known_circuit_json_has_its_edges_with_their_weights(known: tuple[Trace, AttributionGraph]) -> None:
     trace, graph = known
-    data = graph_to_json(graph, "known", trace=trace, target_token=ANSWER, node_threshold=0.99)
-    check_consistent(data)
     embed_a, embed_b = f"E_{TOKEN_A}_4", f"E_{TOKEN_B}_1"
-    f0, f1, head, logit = f"0_{F0}_4", f"1_{F1}_4", "1_-1001_4", f"3_{ANSWER}_4"  # head 0 reading token 1 of 5
-    assert links_of(data) == pytest.approx(
+    f0, f1, logit = f"0_{F0}_4", f"1_{F1}_4", f"3_{ANSWER}_4"  # logits sit at layer n_layers + 1
+    head = "1_-1001_4"  # head 0 of layer 1 reading token 1 of 5
+    kept = graph_to_json(graph, "known", trace=trace, target_token=ANSWER, node_threshold=0.99, keep_extra_nodes=True)
+    check_consistent(kept)
+    assert links_of(kept) == pytest.approx(
         {(embed_a, f0): 1.0, (f0, f1): 1.0, (f1, logit): 1.0, (embed_b, head): 0.4, (head, logit): 0.4}
     )
-    nodes = {n["node_id"]: n for n in data["nodes"]}
-    assert nodes[logit]["is_target_logit"] and nodes[logit]["feature_type"] == "logit"
+    nodes = {n["node_id"]: n for n in kept["nodes"]}
+    assert nodes[logit]["is_target_logit"] and nodes[logit]["feature_type"] == "logit" and nodes[logit]["feature"] == ANSWER
+    assert nodes[logit]["jsNodeId"] == f"L_{ANSWER}-4" and nodes[logit]["layer"] == "3"
     assert nodes[logit]["token_prob"] == pytest.approx(float(trace.logits[4].softmax(-1)[ANSWER]))
     assert nodes[logit]["influence"] is None and nodes[f1]["activation"] == pytest.approx(1.0)
-    assert nodes[f0]["feature_type"] == "cross layer transcoder" and nodes[embed_a]["feature_type"] == "embedding"
+    assert nodes[f0]["feature"] == cantor(0, F0) and nodes[f1]["feature"] == cantor(1, F1)
+    assert nodes[embed_a]["feature_type"] == "embedding" and nodes[embed_a]["feature"] == 4
+    assert nodes[embed_a]["jsNodeId"] == f"E_{TOKEN_A}-4"
     assert nodes[head]["feature_type"] == "attention head" and nodes[head]["activation"] is None
-    assert max(n["influence"] for n in data["nodes"] if n["influence"] is not None) == pytest.approx(1.0)
-    assert data["metadata"]["node_threshold"] == 0.99 and len(data["metadata"]["prompt_tokens"]) == 5
-    for broken in ({**data["nodes"][1], "layer": 1}, {k: v for k, v in data["nodes"][1].items() if k != "clerp"}):
-        with pytest.raises(Exception):  # the validator is not vacuous
-            validate({**data, "nodes": [broken]})
+    assert nodes[head]["ctx_idx"] == 4 and nodes[embed_b]["ctx_idx"] == 1
+    assert {n["ctx_idx"] for n in kept["nodes"]} == set(range(5))  # every token's embedding is written
+    assert kept["metadata"]["node_threshold"] == 0.99 and kept["metadata"]["schema_version"] == 1
+    assert len(kept["metadata"]["prompt_tokens"]) == 5
+    for broken in ({**kept["nodes"][1], "layer": 1}, {k: v for k, v in kept["nodes"][1].items() if k != "clerp"}):
+        with pytest.raises(jsonschema.ValidationError):  # the validator is not vacuous
+            validate({**kept, "nodes": [broken]})
 
-    folded = graph_to_json(graph, "known", trace=trace, target_token=ANSWER, fold_heads=True)
+    folded = graph_to_json(graph, "known", trace=trace, target_token=ANSWER, node_threshold=0.99)
     check_consistent(folded)
-    assert all(n["feature_type"] != "attention head" for n in folded["nodes"])
+    assert {n["feature_type"] for n in folded["nodes"]} == {"embedding", "cross layer transcoder", "logit"}
     assert links_of(folded) == pytest.approx({(embed_a, f0): 1.0, (f0, f1): 1.0, (f1, logit): 1.0, (embed_b, logit): 0.4})
 
 
-def test_random_graph_json_validates_and_round_trips_the_weights(
+def test_random_graph_json_validates_and_keeps_the_pruned_weights(
     random_graph: tuple[Trace, AttributionGraph], tmp_path: Path
 ) -> None:
     trace, graph = random_graph
-    for g in (graph, prune(graph, node_threshold=0.8, edge_threshold=0.98)):
-        path = save_graph_json(g, tmp_path, slug=f"g{len(g.nodes)}", trace=trace, target_token=5, target_label="5 − 7")
-        data = json.loads(path.read_text(encoding="utf-8"))
-        check_consistent(data)
-        assert {n["feature_type"] for n in data["nodes"]} >= {"cross layer transcoder", "attention head", "embedding", "logit"}
-        ids = json_node_ids(g, target_token=5)
-        assert [n["node_id"] for n in data["nodes"]] == [ids[n] for n in g.nodes]
-        assert links_of(data) == {(ids[s], ids[d]): w for (s, d), w in g.edges.items()}  # exactly
-        shares = {n["node_id"]: n["influence"] for n in data["nodes"]}
-        ranked = sorted((n for n in g.nodes if n != g.root), key=lambda n: abs(g.influence[n]))
-        assert all(shares[ids[a]] >= shares[ids[b]] - 1e-12 for a, b in zip(ranked, ranked[1:]))
+    for keep in (True, False):
+        for threshold in (None, 0.8):
+            slug = f"g-{keep}-{threshold}"
+            path = save_graph_json(graph, tmp_path, slug=slug, trace=trace, target_label="5 − 7", node_threshold=threshold,
+                                   keep_extra_nodes=keep)
+            data = json.loads(path.read_text(encoding="utf-8"))
+            check_consistent(data)
+            types = {n["feature_type"] for n in data["nodes"]}
+            assert types >= {"cross layer transcoder", "embedding", "logit"} and (("attention head" in types) == keep)
+            logit = next(n for n in data["nodes"] if n["feature_type"] == "logit")
+            assert logit["feature"] == trace.model.cfg.d_vocab  # circuit-tracer's virtual id of a logit function
+            assert logit["clerp"].startswith('Output "5 − 7" (p=')
+            written = fold_extra_nodes(graph) if not keep else graph
+            expected = written if threshold is None else prune(written, threshold, 0.98)
+            assert len(data["links"]) == len(expected.edges)
+            assert sorted(link["weight"] for link in data["links"]) == pytest.approx(sorted(expected.edges.values()), rel=1e-12)
     listing = json.loads((tmp_path / "graph-metadata.json").read_text(encoding="utf-8"))
-    assert len(listing["graphs"]) == 2 and all(g["prompt_tokens"] == trace.str_tokens() for g in listing["graphs"])
-    custom = graph_to_json(graph, "custom", scan=["tc-layer-0", "tc-layer-1"])
+    assert len(listing["graphs"]) == 4
+    assert all(g["prompt_tokens"] == trace.str_tokens() for g in listing["graphs"])  # no tokenizer: the trace's strings
+    custom = graph_to_json(graph, "custom", scan=["tc-layer-0", "tc-layer-1"], trace=trace)
     assert custom["metadata"]["scan"].startswith("custom-") and custom["metadata"]["transcoder_list"] == ["tc-layer-0", "tc-layer-1"]
+    one_set = graph_to_json(graph, "one", scan={0: "my-set", 1: "my-set"}, trace=trace)
+    assert one_set["metadata"]["scan"] == "my-set" and one_set["metadata"]["transcoder_list"] == []
     with pytest.raises(ValueError, match="merging positions"):
-        graph_to_json(merge_positions(graph), "merged")
+        graph_to_json(merge_positions(graph), "merged", trace=trace)
+    with pytest.raises(ValueError, match="target_token"):
+        graph_to_json(graph, "no-vocab")
 
 
 def test_folding_heads_keeps_every_incoming_total(random_graph: tuple[Trace, AttributionGraph]) -> None:
@@ -173,7 +147,6 @@ def test_folding_heads_keeps_every_incoming_total(random_graph: tuple[Trace, Att
     assert all(not graph.incoming(n) for n in heads)  # only heads with nothing to pass on stay
     assert all(s in folded.influence and d in folded.influence and d.kind != "head" for s, d in folded.edges)
     assert all(folded.influence[n] == graph.influence[n] for n in folded.influence)
-    check_consistent(graph_to_json(graph, "folded", fold_heads=True))
 
 
 def _png_size(path: Path) -> tuple[int, int]:

@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-expansions", type=int, default=64, help="features/heads expanded in the graph")
     parser.add_argument("--node-threshold", type=float, default=0.8, help="pruning: share of influence kept")
     parser.add_argument("--edge-threshold", type=float, default=0.98, help="pruning: share of edge weight kept")
+    parser.add_argument("--keep-extra-nodes", action="store_true",
+                        help="graph.json: keep heads, biases, skips as nodes of their own (default: folded into "
+                        "circuit-tracer's node kinds, every edge total unchanged)")
     parser.add_argument("--num-iters", type=int, default=3, help="path search depth")
     parser.add_argument("--num-branches", type=int, default=10, help="path search beam width")
     parser.add_argument("--top-paths", type=int, default=10, help="paths printed")
@@ -48,8 +51,10 @@ def _parser() -> argparse.ArgumentParser:
 def attribute(argv: Sequence[str]) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     with exit_on_bad_input("attribute"):
-        names, transcoders = map(list, zip(*load_transcoders(args.transcoders, args.device)))
+        loaded = [(spec, name, tc) for spec in args.transcoders for name, tc in load_transcoders([spec], args.device)]
+        names, transcoders = [name for _, name, _ in loaded], [tc for *_, tc in loaded]
         splices = as_splices(transcoders)
+        specs_by_layer = {s.layer: spec for (spec, _, _), s in zip(loaded, splices)}
         check_feature_flags(args.target, args.layer, args.feature, {s.layer: s.transcoder.cfg.d_sae for s in splices})
         meta = transcoders[0].cfg.metadata
         model_name = args.model or meta.model_name
@@ -61,17 +66,20 @@ def attribute(argv: Sequence[str]) -> dict[str, Any]:
         root, label = resolve_target(trace, args.target, args.pos, args.token, args.versus, args.layer, args.feature)
     tokens = trace.str_tokens()
     paths = find_paths(trace, root, args.num_iters, args.num_branches)
-    graph = prune(build_graph(trace, root, args.max_expansions), args.node_threshold, args.edge_threshold)
+    full = build_graph(trace, root, args.max_expansions)
+    graph = prune(full, args.node_threshold, args.edge_threshold)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    target_token = root.node.index if root.node.kind == "target" else None
+    one_logit = root.node.kind == "target" and args.token is not None and args.versus is None
     json_path = save_graph_json(
-        graph, out / "graph.json", trace=trace, prompt=args.prompt, node_threshold=args.node_threshold,
-        scan=args.transcoders, target_token=target_token, target_label=label,
+        full, out / "graph.json", trace=trace, prompt=args.prompt, scan=specs_by_layer,
+        node_threshold=args.node_threshold, edge_threshold=args.edge_threshold, target_label=label,
+        target_token=root.node.index if one_logit else None, keep_extra_nodes=args.keep_extra_nodes,
+        token_prob=float(trace.logits[root.node.pos].softmax(-1)[root.node.index]) if root.node.kind == "target" else None,
     )
     title = f"{model_name}: {args.prompt!r} -> {label}"
-    save_graph_html(graph, out / "graph.html", title=title)
-    save_graph_png(graph, out / "graph.png", title=title)
+    save_graph_html(full, out / "graph.html", title=title)
+    save_graph_png(full, out / "graph.png", title=title)
     listing = format_paths(paths[: args.top_paths], tokens)
     (out / "paths.txt").write_text(listing + "\n")
     print(f"target {root.node} = {graph.root_value:+.4f}; graph: {len(graph.nodes)} nodes, {len(graph.edges)} edges -> {out}")

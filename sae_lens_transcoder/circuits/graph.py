@@ -92,13 +92,15 @@ def build_graph(
     return graph
 
 
-def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> AttributionGraph:
+def prune(
+    graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98, max_nodes: int | None = None
+) -> AttributionGraph:
     """Keep the most influential nodes carrying ``node_threshold`` of the total absolute
-    influence, then the strongest edges among them carrying ``edge_threshold`` of the
-    absolute edge weight; the root is always kept."""
+    influence (at most ``max_nodes`` of them, when given), then the strongest edges among
+    them carrying ``edge_threshold`` of the absolute edge weight; the root is always kept."""
     others = sorted((n for n in graph.influence if n != graph.root), key=lambda n: -abs(graph.influence[n]))
     weights = torch.tensor([abs(graph.influence[n]) for n in others], dtype=torch.float64)
-    keep = {graph.root, *_head_carrying(others, weights, node_threshold)}
+    keep = {graph.root, *_head_carrying(others, weights, node_threshold)[:max_nodes]}
     candidate_edges = sorted(((e, w) for e, w in graph.edges.items() if e[0] in keep and e[1] in keep), key=lambda ew: -abs(ew[1]))
     edge_weights = torch.tensor([abs(w) for _, w in candidate_edges], dtype=torch.float64)
     kept_edges = dict(_head_carrying(candidate_edges, edge_weights, edge_threshold))

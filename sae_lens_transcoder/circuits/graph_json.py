@@ -1,48 +1,82 @@
-"""Attribution graphs as the JSON that circuit-tracer's (and Neuronpedia's) graph viewer reads.
+"""Attribution graphs as the JSON circuit-tracer writes and its (and Neuronpedia's) viewer reads.
 
 The file has four top-level keys (``graph_schema.json`` next to this module is the JSON
-Schema): ``metadata`` (slug, scan, transcoder_list, prompt_tokens, prompt, node_threshold),
-``qParams`` (the viewer's initial state: nothing pinned or grouped), ``nodes`` and ``links``
-(``source``/``target`` node ids and ``weight``).
+Schema; it also accepts circuit-tracer's own files): ``metadata`` (slug, scan,
+transcoder_list, prompt_tokens, prompt, node_threshold, schema_version 1), ``qParams`` (the
+viewer's initial state: nothing pinned or grouped), ``nodes`` and ``links``
+(``source``/``target`` node ids and ``weight``). Every node has all thirteen fields of
+circuit-tracer's pydantic ``Node``, so loading a file into its models and dumping it again
+gives the same JSON (``benchmarks/check_graph_json_circuit_tracer.py``).
 
-How our nodes map onto the viewer's. Every node carries ``layer`` as a string (``"E"`` for
-embeddings), ``ctx_idx`` (token position) and an integer ``feature`` that is unique among
-the nodes of the same layer and position, because the viewer keys nodes by
-``layer_feature_ctx``. ``node_id`` is ``"{layer}_{feature}_{ctx_idx}"``, except embeddings,
-which are ``"E_{token id}_{ctx_idx}"`` as in circuit-tracer.
+Nodes, as circuit-tracer forms them (``circuit_tracer/frontend/graph_models.py``):
 
-==================  ==============================  ========================================
-our kind            feature_type                    feature
-==================  ==============================  ========================================
-feature             cross layer transcoder          the feature id
-error               mlp reconstruction error        -1
-embed               embedding                       the position (circuit-tracer's choice)
-target (the root)   logit                           the target token id, or -1
-skip                transcoder skip                 -2
-transcoder_bias     transcoder bias                 -3
-mlp                 unreplaced mlp error            -4
-attn_bias           attention bias                  -5
-target_bias         target bias                     -6
-pos_embed           positional embedding            -7 (layer "E")
-head                attention head                  -(1000 + head * n_tokens + source pos)
-==================  ==============================  ========================================
+==========================  ===========================  ====================  ==================  ===========
+feature_type                node_id                      feature               layer               jsNodeId
+==========================  ===========================  ====================  ==================  ===========
+cross layer transcoder      ``{layer}_{index}_{pos}``    cantor(layer, index)  layer               ``{layer}_{index}-0``
+mlp reconstruction error    ``{layer}_-1_{pos}``         -1                    layer               ``{layer}_-1-{pos}``
+embedding                   ``E_{token id}_{pos}``       pos                   ``"E"``             ``E_{token id}-{pos}``
+logit                       ``{n_layers+1}_{id}_{pos}``  id                    ``n_layers + 1``    ``L_{id}-{pos}``
+==========================  ===========================  ====================  ==================  ===========
 
-The viewer has no attention heads or biases; it draws any ``feature_type`` it does not
-know as a plain circle with our ``clerp`` as its label, and counts every type containing
-"error" as unexplained input, which is why an MLP without a transcoder is an "error". A
-head sits at its destination token (its ``ctx_idx``) in its layer's row, and its input
-links come from the source token. With ``fold_heads=True`` heads are removed instead and
-their flow passed through (``fold_attention_heads``), which keeps the graph exact. The root is
-always written as the "logit" node, even for a logit difference or a residual direction
-(``target_label`` names it); its ``layer`` is one above every other node's, as the viewer
-expects. A root that is a feature stays a feature.
+``cantor(l, i) = (l + i)(l + i + 1)/2 + i``; the viewer un-pairs it to find the feature. The
+error ids are circuit-tracer's main branch; its 0.5.0 release on PyPI writes ``0_{layer}_{pos}``
+(which can equal a layer-0 feature's id) and jsNodeId ``{layer}_{pos}-0``. A logit root for
+one token has that token's id; any other logit-like root (a logit difference, a residual
+direction) gets circuit-tracer's virtual index for a target that is a function of the
+logits, ``d_vocab + 0``, and ``target_label`` names it. Every node's ``ctx_idx`` is its real
+token position (a head's is its destination token). A root that is a feature stays a
+feature node.
 
-Numbers. Link weights are our edge weights, in the root's units (how much of the root's
-value flows along the edge), not circuit-tracer's unnormalised direct effects; the viewer
-only compares them with each other. ``influence`` follows the viewer's meaning: nodes are
-sorted by absolute influence on the root and each gets the cumulative share of the total up
-to and including itself, so the viewer's pruning slider (keep ``influence <= x``) works; the
-root has ``null``. ``activation`` is a feature's activation and ``null`` for other nodes.
+Our other node kinds are folded by default (``graph_fold.fold_extra_nodes``: heads passed
+through, biases, skips, positional embeddings and MLPs without a transcoder merged into the
+error or embedding node of their token), which keeps every edge total exact. With
+``keep_extra_nodes=True`` they are written as nodes of their own, which circuit-tracer's
+models and Neuronpedia's schema accept (``feature_type`` is any string there) and its viewer
+draws as plain nodes with our ``clerp`` as label; it counts every type containing "error"
+as unexplained input:
+
+==================  ======================  =============================================
+our kind            feature_type            feature (unique within layer and position)
+==================  ======================  =============================================
+skip                transcoder skip         -2
+transcoder_bias     transcoder bias         -3
+mlp                 unreplaced mlp error    -4
+attn_bias           attention bias          -5
+target_bias         target bias             -6
+pos_embed           positional embedding    -7 (layer ``"E"``)
+head                attention head          -(1000 + head * n_tokens + source position)
+==================  ======================  =============================================
+
+Numbers. ``graph_to_json`` takes the *unpruned* graph and prunes it itself, as
+circuit-tracer's ``create_graph_files`` does. ``influence`` has circuit-tracer's meaning:
+nodes of the unpruned graph are ranked by absolute influence on the root and each gets the
+cumulative share of the total up to and including itself, so the viewer's pruning slider
+(keep nodes with ``influence <= x``; it opens at ``metadata.node_threshold``) shows the
+pruned graph at ``node_threshold`` (all but the one node that crosses it, as with
+circuit-tracer's own files) and more or less of it elsewhere. The root, like
+circuit-tracer's logits, has ``null``. The per-node score is ours (absolute influence in the
+root's units, as ``graph.prune`` ranks), where circuit-tracer's is a row-normalised
+multi-hop score; the ranking-to-share step is the same. Link weights are our edge weights,
+in the root's units; the viewer only compares them with each other. ``activation`` is a
+feature's activation, ``null`` elsewhere. ``prompt_tokens`` are the tokenizer's decoding of
+each token id, unescaped, as circuit-tracer records them (the viewer shows newlines and tabs
+as symbols itself).
+
+Feature files. ``metadata.scan`` and ``transcoder_list`` hold portable ids
+(``portable_ids.transcoder_id``: a SAELens ``release/sae_id``, a circuit-tracer set's
+``scan``, or ``local/<folder name>``); one id for all layers is written as ``scan``, several
+as circuit-tracer does (``scan = "custom-<hash>"``, ``transcoder_list[layer]`` the id of each
+layer's transcoder, ``""`` for a layer without one). circuit-tracer's viewer
+(``frontend/assets``) finds the page of a feature node by ``id = transcoder_list[layer]`` when
+``scan`` starts with ``custom-``, else ``id = scan``, and the node's ``feature`` (the cantor
+index), and then fetches, in order: ``{id}/{feature}.json`` relative to the page if ``id``
+starts with ``./``; otherwise, if the Hugging Face repo ``id`` (read as
+``repo[//subfolder][@revision]``) has ``features/index.json.gz``, byte ranges of the binary
+files that index names; otherwise ``./features/{id}/{feature}.json`` (which its utility
+rewrites to its CloudFront host). Our files and viewer therefore keep a feature's page at
+``features/{id}/{feature}.json`` under the graph folder (``feature_file``), in
+circuit-tracer's feature format (``frontend/feature_models.py``).
 """
 
 import hashlib
@@ -54,12 +88,16 @@ from typing import Any
 
 import torch
 
-from sae_lens_transcoder.circuits.graph import AttributionGraph, Edge
+from sae_lens_transcoder.circuits.graph import AttributionGraph, prune
+from sae_lens_transcoder.circuits.graph_fold import ACCEPTED_KINDS, accepted_home, fold_extra_nodes
 from sae_lens_transcoder.circuits.nodes import Node
+from sae_lens_transcoder.circuits.portable_ids import transcoder_id
 from sae_lens_transcoder.circuits.trace import Trace
 
 SCHEMA_PATH = Path(__file__).with_name("graph_schema.json")
 INDEX_NAME = "graph-metadata.json"
+SCHEMA_VERSION = 1
+CUSTOM_SCAN_PREFIX = "custom-"
 
 FEATURE_TYPES: dict[str, str] = {
     "feature": "cross layer transcoder",
@@ -74,9 +112,13 @@ FEATURE_TYPES: dict[str, str] = {
     "pos_embed": "positional embedding",
     "head": "attention head",
 }
-_CODES = {"error": -1, "skip": -2, "transcoder_bias": -3, "mlp": -4, "attn_bias": -5, "target_bias": -6, "pos_embed": -7}
+_CODES = {"skip": -2, "transcoder_bias": -3, "mlp": -4, "attn_bias": -5, "target_bias": -6, "pos_embed": -7}
 _HEAD_BASE = 1000
 _TOKEN_ESCAPES = str.maketrans({"\n": "⏎", "\t": "→", "\r": "↵"})
+_FOLDED_NAMES = {
+    "pos_embed": "position", "mlp": "MLP without transcoder", "skip": "skip", "transcoder_bias": "transcoder bias",
+    "head": "unexpanded heads", "attn_bias": "attention bias", "target_bias": "target constant",
+}
 
 
 def display_token(token: str) -> str:
@@ -84,76 +126,39 @@ def display_token(token: str) -> str:
     return token.translate(_TOKEN_ESCAPES)
 
 
+def cantor(layer: int, index: int) -> int:
+    """circuit-tracer's feature id: the Cantor pairing of ``(layer, index)``."""
+    return (layer + index) * (layer + index + 1) // 2 + index
+
+
+def uncantor(feature: int) -> tuple[int, int]:
+    """``(layer, index)`` from ``cantor(layer, index)``."""
+    w = (int((8 * feature + 1) ** 0.5) - 1) // 2
+    while (w + 1) * (w + 2) // 2 <= feature:  # guard against float rounding for huge ids
+        w += 1
+    while w * (w + 1) // 2 > feature:
+        w -= 1
+    index = feature - w * (w + 1) // 2
+    return w - index, index
+
+
+def feature_scan_id(metadata: Mapping[str, Any], layer: int) -> str:
+    """The id under which the viewer looks up features of ``layer`` (see the module docstring)."""
+    scan = str(metadata["scan"])
+    if scan.startswith(CUSTOM_SCAN_PREFIX):
+        return str(metadata["transcoder_list"][layer])
+    return scan
+
+
+def feature_file(metadata: Mapping[str, Any], layer: int, index: int) -> str:
+    """Where a graph folder keeps the page of feature ``index`` of ``layer``:
+    ``features/{id}/{cantor(layer, index)}.json`` (relative to the folder)."""
+    return f"features/{feature_scan_id(metadata, layer)}/{cantor(layer, index)}.json"
+
+
 def load_graph_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) that ``graph_to_json``'s output satisfies."""
     return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
-
-
-def fold_attention_heads(graph: AttributionGraph) -> AttributionGraph:
-    """The same graph without attention-head nodes: each path ``u -> head -> v`` becomes an
-    edge ``u -> v`` of weight ``w(u, head) * w(head, v) / influence(head)``.
-
-    Edges are in the root's units and a head passes its inputs on in proportion to its
-    outputs, so for an expanded head (whose inputs sum to its influence) every other node's
-    incoming total, and the root's, is unchanged. Chains of heads fold in any order. Heads
-    with no incoming edges (never expanded, or pruned away) have nothing to pass on and stay.
-    """
-    incoming: dict[Node, dict[Node, float]] = defaultdict(dict)
-    outgoing: dict[Node, dict[Node, float]] = defaultdict(dict)
-    for (src, dst), weight in graph.edges.items():
-        incoming[dst][src] = weight
-        outgoing[src][dst] = weight
-    folded = set()
-    for head in sorted(n for n in graph.influence if n.kind == "head" and n != graph.root):
-        inputs = incoming.pop(head, {})
-        if not inputs:
-            continue
-        outputs = outgoing.pop(head, {})
-        for src in inputs:
-            del outgoing[src][head]
-        for dst in outputs:
-            del incoming[dst][head]
-        total = graph.influence[head]
-        if total != 0.0:
-            for src, w_in in inputs.items():
-                for dst, w_out in outputs.items():
-                    weight = incoming[dst].get(src, 0.0) + w_in * w_out / total
-                    incoming[dst][src] = outgoing[src][dst] = weight
-        folded.add(head)
-    edges: dict[Edge, float] = {(src, dst): w for dst, row in incoming.items() for src, w in row.items()}
-    return AttributionGraph(
-        graph.tokens,
-        graph.token_ids,
-        graph.root,
-        graph.root_value,
-        influence={n: v for n, v in graph.influence.items() if n not in folded},
-        activation=dict(graph.activation),
-        edges=edges,
-        expanded=graph.expanded - folded,
-    )
-
-
-def _feature_code(node: Node, n_tokens: int) -> int:
-    if node.kind == "feature":
-        return node.index
-    if node.kind == "embed":
-        return node.pos
-    if node.kind == "head":
-        return -(_HEAD_BASE + node.index * n_tokens + node.src)
-    return _CODES[node.kind]
-
-
-def _logit_layer(graph: AttributionGraph) -> int:
-    others = [n.layer for n in graph.influence if n != graph.root and n.kind not in ("embed", "pos_embed")]
-    return max([graph.root.layer, *others]) + 1
-
-
-def _layer_name(node: Node, graph: AttributionGraph) -> str:
-    if node.kind in ("embed", "pos_embed"):
-        return "E"
-    if node == graph.root and node.kind == "target":
-        return str(_logit_layer(graph))
-    return str(node.layer)
 
 
 def _check_positions(graph: AttributionGraph) -> None:
@@ -164,24 +169,50 @@ def _check_positions(graph: AttributionGraph) -> None:
         )
 
 
-def json_node_ids(graph: AttributionGraph, target_token: int | None = None) -> dict[Node, str]:
-    """The ``node_id`` every node of ``graph`` gets in ``graph_to_json``."""
-    _check_positions(graph)
-    n_tokens = len(graph.tokens)
-    ids = {}
-    for node in graph.influence:
-        if node.kind == "embed":
-            ids[node] = f"E_{graph.token_ids[node.pos]}_{node.pos}"
-            continue
-        code = (-1 if target_token is None else target_token) if node == graph.root and node.kind == "target" else _feature_code(node, n_tokens)
-        ids[node] = f"{_layer_name(node, graph)}_{code}_{node.pos}"
-    return ids
+def _feature_code(node: Node, n_tokens: int) -> int:
+    if node.kind == "feature":
+        return cantor(node.layer, node.index)
+    if node.kind == "error":
+        return -1
+    if node.kind == "embed":
+        return node.pos
+    if node.kind == "head":
+        return -(_HEAD_BASE + node.index * n_tokens + node.src)
+    return _CODES[node.kind]
+
+
+def _is_logit(node: Node, graph: AttributionGraph) -> bool:
+    return node == graph.root and node.kind == "target"
+
+
+def _layer_name(node: Node, graph: AttributionGraph) -> str:
+    if node.kind in ("embed", "pos_embed"):
+        return "E"
+    if _is_logit(node, graph):
+        return str(node.layer + 1)  # the unembedding's n_layers, plus one as circuit-tracer writes
+    return str(node.layer)
+
+
+def _ids(node: Node, graph: AttributionGraph, logit_id: int) -> tuple[str, str]:
+    """``(node_id, jsNodeId)``."""
+    layer, pos = _layer_name(node, graph), node.pos
+    if _is_logit(node, graph):
+        return f"{layer}_{logit_id}_{pos}", f"L_{logit_id}-{pos}"
+    if node.kind == "feature":
+        return f"{layer}_{node.index}_{pos}", f"{layer}_{node.index}-0"
+    if node.kind == "error":
+        return f"{layer}_-1_{pos}", f"{layer}_-1-{pos}"
+    if node.kind == "embed":
+        token = graph.token_ids[pos]
+        return f"E_{token}_{pos}", f"E_{token}-{pos}"
+    node_id = f"{layer}_{_feature_code(node, len(graph.tokens))}_{pos}"
+    return node_id, node_id
 
 
 def _cumulative_influence(graph: AttributionGraph) -> dict[Node, float]:
-    """Circuit-tracer's node ``influence``: the cumulative share of total absolute influence
+    """circuit-tracer's node ``influence``: the cumulative share of total absolute influence
     of the nodes at least as influential as this one."""
-    ranked = sorted((n for n in graph.influence if n != graph.root), key=lambda n: -abs(graph.influence[n]))
+    ranked = sorted((n for n in graph.influence if n != graph.root), key=lambda n: -abs(graph.influence[n]))  # as prune ranks
     if not ranked:
         return {}
     weights = torch.tensor([abs(graph.influence[n]) for n in ranked], dtype=torch.float64)
@@ -189,12 +220,11 @@ def _cumulative_influence(graph: AttributionGraph) -> dict[Node, float]:
     return dict(zip(ranked, shares.tolist()))
 
 
-def _clerp(node: Node, graph: AttributionGraph, labels: Mapping[tuple[int, int], str]) -> str:
+def _clerp(node: Node, graph: AttributionGraph, labels: Mapping[tuple[int, int], str], folded: Mapping[Node, set[str]]) -> str:
     """The node's label in the viewer."""
-    tokens = graph.tokens
 
     def tok(pos: int) -> str:
-        return f"“{display_token(tokens[pos])}”"
+        return f"“{display_token(graph.tokens[pos])}”"
 
     kind, layer = node.kind, node.layer
     if kind == "feature":
@@ -210,18 +240,33 @@ def _clerp(node: Node, graph: AttributionGraph, labels: Mapping[tuple[int, int],
         "transcoder_bias": f"Bias: transcoder L{layer}",
         "attn_bias": f"Bias: attention L{layer}",
         "target_bias": f"Bias: constant of targets at L{layer} {tok(node.pos)}",
-    }
-    return text.get(kind, node.id)
+    }[kind]
+    if folded.get(node):
+        text += " + " + ", ".join(sorted(_FOLDED_NAMES[k] for k in folded[node]))
+    return text
 
 
-def _scan_and_list(scan: str | Sequence[str] | None, trace: Trace | None) -> tuple[str, list[str]]:
+def _scan_and_list(scan: str | Sequence[str] | Mapping[int, str] | None, trace: Trace | None) -> tuple[str, list[str]]:
     if scan is None:
         return (trace.model.cfg.model_name if trace is not None else "sae-lens-transcoder"), []
     if isinstance(scan, str):
-        return scan, []
-    transcoders = [str(s) for s in scan]
+        return transcoder_id(scan), []
+    by_layer = dict(scan) if isinstance(scan, Mapping) else dict(enumerate(scan))
+    if any(layer < 0 for layer in by_layer):
+        raise ValueError(f"scan: layers {sorted(by_layer)} must be >= 0 (one transcoder id per layer).")
+    ids = {layer: transcoder_id(str(spec)) for layer, spec in by_layer.items()}
+    if len(set(ids.values())) == 1:
+        return next(iter(ids.values())), []
+    transcoders = [ids.get(layer, "") for layer in range(max(ids, default=-1) + 1)]
     digest = hashlib.sha1("-".join(transcoders).encode()).hexdigest()[:12]
-    return f"custom-{digest}", transcoders
+    return f"{CUSTOM_SCAN_PREFIX}{digest}", transcoders
+
+
+def _prompt_tokens(graph: AttributionGraph, trace: Trace | None) -> list[str]:
+    tokenizer = None if trace is None else trace.model.tokenizer
+    if tokenizer is None:
+        return list(graph.tokens)
+    return [str(tokenizer.decode([token])) for token in graph.token_ids]
 
 
 def _token_string(trace: Trace | None, token: int) -> str:
@@ -233,85 +278,96 @@ def _token_string(trace: Trace | None, token: int) -> str:
 def graph_to_json(
     graph: AttributionGraph,
     slug: str,
-    scan: str | Sequence[str] | None = None,
+    scan: str | Sequence[str] | Mapping[int, str] | None = None,
     *,
     trace: Trace | None = None,
     target_token: int | None = None,
     target_label: str | None = None,
     token_prob: float | None = None,
     prompt: str | None = None,
-    node_threshold: float | None = None,
+    node_threshold: float | None = 0.8,
+    edge_threshold: float = 0.98,
     clerps: Mapping[tuple[int, int], str] | None = None,
-    fold_heads: bool = False,
+    keep_extra_nodes: bool = False,
 ) -> dict[str, Any]:
-    """``graph`` as the viewer's JSON (a dict of JSON types; see the module docstring).
+    """The *unpruned* ``graph`` as circuit-tracer's graph JSON (a dict of JSON types; see the
+    module docstring), pruned with ``graph.prune(node_threshold, edge_threshold)``
+    (``node_threshold=None``: not pruned, and the viewer shows no pruning slider).
 
-    ``scan`` names the transcoder set (default: the trace's model name); a list of one
-    transcoder id per layer is written as circuit-tracer does (``scan="custom-<hash>"`` and
-    ``transcoder_list``). For a logit root pass ``target_token`` (and ``trace``, to decode
-    it and read its probability); ``target_label`` and ``token_prob`` override both, e.g.
-    ``target_label="Paris − London"`` for a logit difference. ``clerps`` labels features by
-    ``(layer, feature id)``. ``node_threshold`` is recorded as given (the ``prune`` value).
-    ``fold_heads`` removes attention heads first (``fold_attention_heads``).
+    ``scan`` names the transcoders: one spec for all layers, or one per layer (a sequence
+    from layer 0, or ``{layer: spec}``); specs are paths or ``release/sae_id`` and become
+    portable ids (default: the trace's model name). For a root that is the logit of one
+    token pass ``target_token`` (with ``trace``, its probability is read); for any other
+    logit-like root leave it ``None`` (needs ``trace`` for the vocabulary size) and name it
+    with ``target_label``, e.g. ``"Paris − London"``; ``token_prob`` overrides the
+    probability. ``clerps`` labels features by ``(layer, feature id)``.
+    ``keep_extra_nodes`` writes heads, biases and the like as nodes of their own instead of
+    folding them.
     """
-    if fold_heads:
-        graph = fold_attention_heads(graph)
-    ids = json_node_ids(graph, target_token)
+    _check_positions(graph)
+    folded: dict[Node, set[str]] = defaultdict(set)  # what each accepted node absorbs, for its label
+    if not keep_extra_nodes:
+        passed_through = {dst for _, dst in graph.edges if dst.kind == "head"}
+        for node in graph.influence:
+            if node != graph.root and node.kind not in ACCEPTED_KINDS and node not in passed_through:
+                folded[accepted_home(node)].add(node.kind)
+        graph = fold_extra_nodes(graph)
     shares = _cumulative_influence(graph)
+    pruned = graph if node_threshold is None else prune(graph, node_threshold, edge_threshold)
     labels = clerps or {}
     n_tokens = len(graph.tokens)
+    if graph.root.kind == "target":
+        if target_token is None and trace is None:
+            raise ValueError("target_token: give the root's token id, or trace= for a logit-difference root's virtual id.")
+        logit_id = int(trace.model.cfg.d_vocab) if target_token is None else int(target_token)  # type: ignore[union-attr]
+    else:
+        logit_id = -1
     if token_prob is None:
         token_prob = 0.0
         if trace is not None and target_token is not None:
             token_prob = float(torch.softmax(trace.logits[graph.root.pos].double(), -1)[target_token])
     if target_label is None:
-        target_label = _token_string(trace, target_token) if target_token is not None else "target"
+        target_label = "target" if target_token is None else _token_string(trace, target_token)
 
+    # circuit-tracer writes every token's embedding, linked or not; one that influences
+    # nothing ranks last, where the cumulative share is 1
+    embeddings = [Node("embed", -1, pos) for pos in range(n_tokens)]
+    written = [*pruned.nodes, *(n for n in embeddings if n not in pruned.influence)]
+    shares = {**{n: 1.0 for n in embeddings}, **shares}
+    ids = {node: _ids(node, pruned, logit_id) for node in written}
     nodes = []
-    for node in graph.nodes:
-        is_logit = node == graph.root and node.kind == "target"
-        feature = (-1 if target_token is None else target_token) if is_logit else _feature_code(node, n_tokens)
-        layer = _layer_name(node, graph)
-        if node.kind == "feature":
-            js_id = f"{layer}_{node.index}-0"
-        elif node.kind == "error":
-            js_id = f"{layer}_{node.pos}-0"
-        elif node.kind == "embed":
-            js_id = f"E_{graph.token_ids[node.pos]}-{node.pos}"
-        elif is_logit:
-            js_id = f"L_{feature}-{node.pos}"
-        else:
-            js_id = ids[node]
-        activation = graph.activation.get(node)
+    for node in written:
+        is_logit = _is_logit(node, pruned)
+        activation = pruned.activation.get(node)
+        node_id, js_id = ids[node]
         nodes.append({
-            "node_id": ids[node],
-            "feature": feature,
-            "layer": layer,
+            "node_id": node_id,
+            "feature": logit_id if is_logit else _feature_code(node, n_tokens),
+            "layer": _layer_name(node, pruned),
             "ctx_idx": node.pos,
             "feature_type": FEATURE_TYPES[node.kind],
-            "token_prob": token_prob if is_logit else 0.0,
+            "token_prob": float(token_prob) if is_logit else 0.0,
             "is_target_logit": is_logit,
             "run_idx": 0,
             "reverse_ctx_idx": 0,
             "jsNodeId": js_id,
-            "clerp": (
-                f'Output "{display_token(target_label)}" (p={token_prob:.3f})' if is_logit else _clerp(node, graph, labels)
-            ),
+            "clerp": f'Output "{target_label}" (p={token_prob:.3f})' if is_logit else _clerp(node, pruned, labels, folded),
             "influence": shares.get(node),
             "activation": None if activation is None else float(activation),
         })
     links = [
-        {"source": ids[src], "target": ids[dst], "weight": float(weight)}
-        for (src, dst), weight in sorted(graph.edges.items(), key=lambda ew: -abs(ew[1]))
+        {"source": ids[src][0], "target": ids[dst][0], "weight": float(weight)}
+        for (src, dst), weight in sorted(pruned.edges.items(), key=lambda ew: -abs(ew[1]))
     ]
     scan_name, transcoder_list = _scan_and_list(scan, trace)
     metadata = {
         "slug": slug,
         "scan": scan_name,
         "transcoder_list": transcoder_list,
-        "prompt_tokens": [display_token(t) for t in graph.tokens],
+        "prompt_tokens": _prompt_tokens(graph, trace),
         "prompt": "".join(graph.tokens) if prompt is None else prompt,
         "node_threshold": None if node_threshold is None else float(node_threshold),
+        "schema_version": SCHEMA_VERSION,
     }
     q_params = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": metadata, "qParams": q_params, "nodes": nodes, "links": links}
@@ -320,8 +376,9 @@ def graph_to_json(
 def save_graph_json(
     graph: AttributionGraph, path: str | Path, slug: str | None = None, index: bool = True, **kwargs: Any
 ) -> Path:
-    """Write ``graph_to_json`` to ``path`` (a ``.json`` file, or a folder that gets
-    ``{slug}.json``) and return the file written. ``slug`` defaults to the file name's stem.
+    """Write ``graph_to_json`` of the unpruned ``graph`` to ``path`` (a ``.json`` file, or a
+    folder that gets ``{slug}.json``) and return the file written. ``slug`` defaults to the
+    file name's stem.
 
     With ``index`` the graph's metadata is also added to (or replaced in) the folder's
     ``graph-metadata.json``, the list of graphs the viewer offers; circuit-tracer's
