@@ -199,3 +199,19 @@ def test_custom_scans_use_the_transcoder_list_and_local_paths_are_refused(setup:
             feature_file_relpath(bad, 1, 4)
     with pytest.raises(ValueError, match="feature ids must lie"):
         build_feature_files(setup.model, setup.replacement, {1: [10_000]}, setup.tokens, SCAN, OPTIONS, progress=False)
+
+
+def test_files_do_not_depend_on_batching_or_passes(setup: Setup) -> None:
+    features = {0: list(range(0, 96, 3)), 1: [1, 2, 50]}
+    one = build_feature_files(setup.model, setup.replacement, features, setup.tokens, SCAN, OPTIONS, progress=False)
+    split = FeatureFileOptions(**{**OPTIONS.__dict__, "batch_size": 7, "features_per_pass": 5})
+    many = build_feature_files(setup.model, setup.replacement, features, setup.tokens, SCAN, split, progress=False)
+    assert many.keys() == one.keys()
+    for key, data in one.items():
+        other = many[key]
+        for name in ("examples_quantiles", "act_max", "activation_frequency", "top_logits", "de_embedding"):
+            assert other[name] == data[name], (key, name)
+        # The fine bins' width follows the first batch's max, so these agree to two fine bins.
+        assert sum(other["histogram"]) == sum(data["histogram"])
+        width = 2 * data["act_max"] / OPTIONS.histogram_resolution
+        assert other["quantile_values"] == pytest.approx(data["quantile_values"], abs=2 * width + 1e-4)

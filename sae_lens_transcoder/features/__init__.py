@@ -4,6 +4,7 @@ from sae_lens_transcoder.features.feature_files import (
     FeatureFileOptions,
     build_feature_files,
     graph_features,
+    iter_feature_files,
     write_feature_files,
     write_graph_feature_files,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "cantor_unpair",
     "feature_file_relpath",
     "graph_features",
+    "iter_feature_files",
     "scan_for_layer",
     "write_feature_files",
     "write_graph_feature_files",

@@ -26,7 +26,7 @@ files go is circuit-tracer's convention (``paths.py``).
 
 import json
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from sae_lens_transcoder.features.paths import (
     node_feature,
     scan_for_layer,
 )
-from sae_lens_transcoder.features.streaming import PAD_TOKEN, GrowingHistogram, KeptContexts
+from sae_lens_transcoder.features.streaming import PAD_TOKEN, GrowingHistogram, KeptContexts, hash_uniform
 from sae_lens_transcoder.hooks import ensure_mlp_hook_in, hook_layer
 from sae_lens_transcoder.replacement import ReplacementSet, Splice, as_replacement_set
 
@@ -71,10 +71,11 @@ class FeatureFileOptions:
     n_bins: int = 32
     histogram_resolution: int = 1024
     batch_size: int = 16
+    features_per_pass: int = 8192
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_top", "n_quantiles", "n_per_quantile", "n_logits", "n_bins", "batch_size"):
+        for name in ("n_top", "n_quantiles", "n_per_quantile", "n_logits", "n_bins", "batch_size", "features_per_pass"):
             if getattr(self, name) < 1:
                 raise ValueError(f"feature files: {name}={getattr(self, name)} must be at least 1.")
         if min(self.window) < 0:
@@ -112,8 +113,8 @@ def _check_features(replacement: ReplacementSet, features: Mapping[int, Sequence
     return chosen
 
 
-def _batches(tokens: torch.Tensor, batch_size: int, progress: bool) -> Iterable[tuple[int, torch.Tensor]]:
-    bar = tqdm(total=tokens.shape[0], unit="seq", desc="feature files", disable=not progress)
+def _batches(tokens: torch.Tensor, batch_size: int, progress: bool, desc: str) -> Iterable[tuple[int, torch.Tensor]]:
+    bar = tqdm(total=tokens.shape[0], unit="seq", desc=desc, disable=not progress)
     with bar:
         for offset in range(0, tokens.shape[0], batch_size):
             batch = tokens[offset : offset + batch_size]
@@ -129,6 +130,7 @@ def scan_features(
     tokens: torch.Tensor,
     options: FeatureFileOptions = FeatureFileOptions(),
     progress: bool = True,
+    desc: str = "feature files",
 ) -> dict[int, _LayerScan]:
     """One streaming pass over ``tokens [n_seq, seq]`` for ``features`` (layer -> feature ids)."""
     if tokens.dim() != 2 or tokens.shape[0] == 0:
@@ -149,8 +151,9 @@ def scan_features(
         )
         for layer, ids in chosen.items()
     }
-    generator = torch.Generator().manual_seed(options.seed)
-    for offset, batch in _batches(tokens, options.batch_size, progress):
+    # Each feature's sample is keyed by its own id, so it does not depend on the other features.
+    streams = {layer: torch.tensor([cantor_pair(layer, i) for i in ids.tolist()]) for layer, ids in chosen.items()}
+    for offset, batch in _batches(tokens, options.batch_size, progress, desc):
         _, cache = model.run_with_cache(
             batch.to(model.cfg.device), names_filter=list(hooks.values()), stop_at_layer=min(stop, model.cfg.n_layers)
         )
@@ -160,7 +163,7 @@ def scan_features(
             acts = acts.float().cpu()  # [batch, seq, n_features]
             seq_max = acts.amax(dim=1)
             scan.top.update(seq_max, acts, batch, offset)
-            draws = torch.rand(seq_max.shape, generator=generator)
+            draws = hash_uniform(torch.arange(offset, offset + batch.shape[0]), streams[layer], options.seed)
             scan.sample.update(torch.where(seq_max > 0, draws, -torch.inf), acts, batch, offset)
             scan.histogram.add(acts.flatten(0, 1))
             scan.n_active += (acts > 0).sum(dim=(0, 1))
@@ -244,6 +247,77 @@ def _scored(model: HookedTransformer, scores: torch.Tensor, k: int) -> dict[str,
     return {side: [{"token": t, "score": round(s, _DIGITS)} for t, s in pairs] for side, pairs in (("top", top), ("bottom", bottom))}
 
 
+def _passes(features: Mapping[int, torch.Tensor], per_pass: int) -> list[dict[int, torch.Tensor]]:
+    """``features`` cut into groups of at most ``per_pass`` features, layers kept in order."""
+    passes: list[dict[int, torch.Tensor]] = [{}]
+    room = per_pass
+    for layer, ids in features.items():
+        while len(ids):
+            if room == 0:
+                passes.append({})
+                room = per_pass
+            passes[-1][layer], ids = ids[:room], ids[room:]
+            room -= len(passes[-1][layer])
+    return passes
+
+
+def _layer_files(
+    model: HookedTransformer, replacement: ReplacementSet, layer: int, scan: _LayerScan, scan_id: str, options: FeatureFileOptions
+) -> Iterator[tuple[tuple[int, int], FeatureFile]]:
+    vocab: dict[int, str] = {}
+    _vocabulary(model, torch.cat([scan.top.tokens.flatten(), scan.sample.tokens.flatten()]).unique().tolist(), vocab)
+    lens, de_embed = weight_views(model, replacement, layer, scan.features)
+    for j, index in enumerate(scan.features.tolist()):
+        act_max = float(scan.top.values[j].max().clamp_min(0))
+        n_active = int(scan.n_active[j])
+        quantiles = scan.histogram.quantiles(j, _PERCENTILES).clamp(max=act_max)  # the max is exact
+        if n_active:
+            quantiles[-1] = act_max
+        logit_lens, de_embedding = _scored(model, lens[j], options.n_logits), _scored(model, de_embed[j], options.n_logits)
+        yield (layer, index), {
+            "transcoder_id": scan_id,
+            "index": cantor_pair(layer, index),
+            "examples_quantiles": _quantile_groups(scan, j, options.n_quantiles, vocab),
+            "top_logits": [t["token"] for t in logit_lens["top"]],
+            "bottom_logits": [t["token"] for t in logit_lens["bottom"]],
+            "act_min": 0.0,
+            "act_max": round(act_max, _DIGITS),
+            "quantile_values": [round(float(v), _DIGITS) for v in quantiles],
+            "histogram": [float(c) for c in scan.histogram.rebinned(j, options.n_bins, act_max)],
+            "activation_frequency": n_active / scan.n_tokens,
+            "layer": layer,
+            "feature": index,
+            "hook_name": replacement.hook_in(layer),
+            "n_tokens": scan.n_tokens,
+            "n_active": n_active,
+            "logit_lens": logit_lens,
+            "de_embedding": de_embedding,
+        }
+
+
+def iter_feature_files(
+    model: HookedTransformer,
+    transcoders: "ReplacementSet | Sequence[SAE | Splice]",  # type: ignore[type-arg]
+    features: Mapping[int, Sequence[int]],
+    tokens: torch.Tensor,
+    transcoder_ids: Mapping[int, str] | str,
+    options: FeatureFileOptions = FeatureFileOptions(),
+    progress: bool = True,
+) -> Iterator[tuple[tuple[int, int], FeatureFile]]:
+    """``((layer, index), file)`` for ``features`` (layer -> ids), one pass over ``tokens``
+    ``[n_seq, seq]`` per ``options.features_per_pass`` features, each pass's files yielded
+    before the next starts. ``transcoder_ids`` is each layer's scan (``paths.scan_for_layer``),
+    recorded as the file's ``transcoder_id``."""
+    replacement = _as_set(transcoders)
+    passes = _passes(_check_features(replacement, features), options.features_per_pass)
+    for i, chosen in enumerate(passes):
+        desc = "feature files" if len(passes) == 1 else f"feature files, pass {i + 1}/{len(passes)}"
+        scans = scan_features(model, replacement, {layer: ids.tolist() for layer, ids in chosen.items()}, tokens, options, progress, desc)
+        for layer, scan in scans.items():
+            scan_id = transcoder_ids if isinstance(transcoder_ids, str) else transcoder_ids[layer]
+            yield from _layer_files(model, replacement, layer, scan, scan_id, options)
+
+
 def build_feature_files(
     model: HookedTransformer,
     transcoders: "ReplacementSet | Sequence[SAE | Splice]",  # type: ignore[type-arg]
@@ -253,51 +327,13 @@ def build_feature_files(
     options: FeatureFileOptions = FeatureFileOptions(),
     progress: bool = True,
 ) -> dict[tuple[int, int], FeatureFile]:
-    """The feature files of ``features`` (layer -> ids) as dicts, keyed by ``(layer, index)``.
-
-    ``transcoder_ids`` is each layer's scan (see ``paths.scan_for_layer``), recorded as the
-    file's ``transcoder_id``; ``tokens`` ``[n_seq, seq]`` is the dataset.
-    """
-    replacement = _as_set(transcoders)
-    scans = scan_features(model, replacement, features, tokens, options, progress)
-    vocab: dict[int, str] = {}
-    files = {}
-    for layer, scan in scans.items():
-        _vocabulary(model, torch.cat([scan.top.tokens.flatten(), scan.sample.tokens.flatten()]).unique().tolist(), vocab)
-        lens, de_embed = weight_views(model, replacement, layer, scan.features)
-        scan_id = transcoder_ids if isinstance(transcoder_ids, str) else transcoder_ids[layer]
-        for j, index in enumerate(scan.features.tolist()):
-            act_max = float(scan.top.values[j].max().clamp_min(0))
-            n_active = int(scan.n_active[j])
-            quantiles = scan.histogram.quantiles(j, _PERCENTILES).clamp(max=act_max)  # the max is exact
-            if n_active:
-                quantiles[-1] = act_max
-            logit_lens, de_embedding = _scored(model, lens[j], options.n_logits), _scored(model, de_embed[j], options.n_logits)
-            files[(layer, index)] = {
-                "transcoder_id": scan_id,
-                "index": cantor_pair(layer, index),
-                "examples_quantiles": _quantile_groups(scan, j, options.n_quantiles, vocab),
-                "top_logits": [t["token"] for t in logit_lens["top"]],
-                "bottom_logits": [t["token"] for t in logit_lens["bottom"]],
-                "act_min": 0.0,
-                "act_max": round(act_max, _DIGITS),
-                "quantile_values": [round(float(v), _DIGITS) for v in quantiles],
-                "histogram": [float(c) for c in scan.histogram.rebinned(j, options.n_bins, act_max)],
-                "activation_frequency": n_active / scan.n_tokens,
-                "layer": layer,
-                "feature": index,
-                "hook_name": replacement.hook_in(layer),
-                "n_tokens": scan.n_tokens,
-                "n_active": n_active,
-                "logit_lens": logit_lens,
-                "de_embedding": de_embedding,
-            }
-    return files
+    """``iter_feature_files`` as one dict keyed by ``(layer, index)`` (for few features)."""
+    return dict(iter_feature_files(model, transcoders, features, tokens, transcoder_ids, options, progress))
 
 
-def _write(files: Mapping[tuple[int, int], FeatureFile], folder: Path) -> list[Path]:
+def _write(files: Iterable[tuple[tuple[int, int], FeatureFile]], folder: Path) -> list[Path]:
     written = []
-    for (layer, index), data in files.items():
+    for (layer, index), data in files:
         path = feature_file_path(folder, data["transcoder_id"], layer, index)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, ensure_ascii=False, allow_nan=False), encoding="utf-8")
@@ -324,8 +360,7 @@ def write_feature_files(
     replacement = _as_set(transcoders)
     if features is None:
         features = {layer: range(replacement.d_sae(layer)) for layer in replacement.layers}
-    files = build_feature_files(model, replacement, features, tokens, scan, options, progress)
-    return _write(files, Path(out_dir))
+    return _write(iter_feature_files(model, replacement, features, tokens, scan, options, progress), Path(out_dir))
 
 
 def graph_features(graph: Mapping[str, Any]) -> dict[int, list[int]]:
@@ -375,5 +410,5 @@ def write_graph_feature_files(
     scans = {layer: scan_for_layer(graph["metadata"], layer) for layer in features}
     for layer, scan in scans.items():
         feature_file_path(".", scan, layer, 0)  # a non-portable scan fails here, before the pass
-    files = build_feature_files(model, transcoders, features, dataset_tokens, scans, options, progress)
+    files = iter_feature_files(model, transcoders, features, dataset_tokens, scans, options, progress)
     return _write(files, graph_json_path.parent if out_dir is None else Path(out_dir))

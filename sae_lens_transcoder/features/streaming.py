@@ -153,3 +153,17 @@ class GrowingHistogram:
         out = torch.zeros(n_bins, dtype=torch.long)
         out.index_add_(0, target, self.counts[feature])
         return out.tolist()
+
+
+_MASK = 0xFFFFFFFF
+
+
+def hash_uniform(sequences: torch.Tensor, streams: torch.Tensor, seed: int) -> torch.Tensor:
+    """``[len(sequences), len(streams)]`` pseudo-random numbers in [0, 1), a fixed function of
+    (sequence, stream, seed): a random sample keyed by them is the same whatever the batch
+    size or the split of features into passes. (A 32-bit integer mix, lowbias32-style.)"""
+    x = (sequences.long()[:, None] * 0x9E3779B1 + streams.long()[None, :] * 0x85EBCA77 + seed * 0xC2B2AE3D) & _MASK
+    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        x = ((x ^ (x >> shift)) * multiplier) & _MASK
+    x = x ^ (x >> 16)
+    return (x >> 8).double().div(1 << 24).float()
