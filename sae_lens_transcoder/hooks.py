@@ -6,6 +6,9 @@ norm is folded), so we check it on a probe forward pass instead of guessing by n
 """
 
 import logging
+import re
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from sae_lens.analysis.hooked_sae_transformer import add_hook_in_to_mlp
@@ -52,6 +55,48 @@ def ensure_mlp_hook_in(model: HookedTransformer) -> None:
         model.setup()
 
 
+def residual_mlp_in_hook(layer: int) -> str:
+    """The residual stream before the MLP's norm (Gemma Scope 2's transcoders read it)."""
+    return f"blocks.{layer}.hook_mlp_in"
+
+
+# Hugging Face module outputs that releases name as their input, and the TransformerLens
+# hook carrying the same tensor. SAELens maps Gemma Scope 2's transcoders, whose config reads
+# ``pre_feedforward_layernorm.output`` (the MLP's normed input), to ``hook_mlp_in``, the
+# residual *before* that norm; ``mlp.hook_in`` is what they were trained on.
+_HF_INPUT_HOOKS = {re.compile(r"model\.layers\.(\d+)\.pre_feedforward_layernorm\.output"): "blocks.{}.mlp.hook_in"}
+
+
+def released_input_hook(metadata: Any) -> str | None:
+    """The TransformerLens hook a loaded transcoder really reads: ``metadata.hook_name``, unless
+    its release names (``hf_hook_name``) a Hugging Face tensor that another hook carries."""
+    hook_name, hf_hook_name = metadata.hook_name, getattr(metadata, "hf_hook_name", None)
+    for pattern, template in _HF_INPUT_HOOKS.items():
+        match = pattern.fullmatch(hf_hook_name or "")
+        if match and hook_name != template.format(match.group(1)):
+            corrected = template.format(match.group(1))
+            logger.warning(
+                "%s: the release reads %s (the MLP's normed input), which is %s, not SAELens's "
+                "hook_name=%s (the residual before the norm); using %s.",
+                getattr(metadata, "sae_lens_id", None) or hook_name, hf_hook_name, corrected, hook_name, corrected,
+            )
+            return corrected
+    return hook_name
+
+
+def ensure_input_hooks(model: HookedTransformer, hook_names: Iterable[str]) -> None:
+    """Make every hook in ``hook_names`` fire: ``mlp.hook_in`` (see ``ensure_mlp_hook_in``)
+    and ``hook_mlp_in``, which TransformerLens only runs with ``use_hook_mlp_in`` on."""
+    ensure_mlp_hook_in(model)
+    if any(name.endswith(".hook_mlp_in") for name in hook_names) and not model.cfg.use_hook_mlp_in:
+        model.set_use_hook_mlp_in(True)
+
+
+def chosen_input_hook(model: HookedTransformer, layer: int, mlp_input_hook: str = "exact") -> str:
+    """The input hook a config's ``sae.mlp_input_hook`` picks for MLP ``layer``."""
+    return residual_mlp_in_hook(layer) if mlp_input_hook == "hook_mlp_in" else default_input_hook(model, layer)
+
+
 def default_input_hook(model: HookedTransformer, layer: int) -> str:
     """``ln2.hook_normalized`` when the norm has no affine part left (the paper's
     choice, with ``fold_ln``), else the MLP's own input hook."""
@@ -89,14 +134,13 @@ def validate_transcoder_hooks(
 ) -> None:
     """Fail before training when the hooks are not the MLP's input/output or the widths differ."""
     layer = hook_layer(hook_name)
-    ensure_mlp_hook_in(model)
+    ensure_input_hooks(model, [hook_name])
     exact = mlp_in_hook(layer)
     acts = probe_hooks(model, [hook_name, hook_name_out, exact])
     right_hook = default_input_hook(model, layer)
     if hook_name not in acts:
         raise ValueError(
-            f"hook_name={hook_name!r} never fires on this model (e.g. hook_mlp_in needs "
-            f"use_hook_mlp_in=True and is read *before* the norm). The MLP of layer "
+            f"hook_name={hook_name!r} never fires on this model. The MLP of layer "
             f"{layer} reads {right_hook!r}: use that as hook_name."
         )
     if hook_name_out not in acts:
@@ -124,6 +168,14 @@ def validate_transcoder_hooks(
     mlp_input = acts[exact]
     is_exact = mlp_input.shape == x.shape and torch.allclose(x, mlp_input, rtol=1e-5, atol=1e-6)
     if is_exact:
+        return
+    if hook_name == residual_mlp_in_hook(layer):
+        logger.info(
+            "Training on %s, the residual stream before MLP %d's norm (Gemma Scope 2's convention): "
+            "the transcoder does the norm's job as well as the MLP's.",
+            hook_name,
+            layer,
+        )
         return
     if not allow_inexact_mlp_input:
         raise ValueError(

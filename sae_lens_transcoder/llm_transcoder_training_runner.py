@@ -30,7 +30,7 @@ from transformer_lens.hook_points import HookedRootModule
 from sae_lens_transcoder import models
 from sae_lens_transcoder._version import __version__
 from sae_lens_transcoder.atomic import replace_dir_atomically
-from sae_lens_transcoder.hooks import default_input_hook, hook_layer, mlp_out_hook, validate_transcoder_hooks
+from sae_lens_transcoder.hooks import chosen_input_hook, hook_layer, mlp_out_hook, validate_transcoder_hooks
 from sae_lens_transcoder.layer_spec import parse_mlp_layers
 from sae_lens_transcoder.replacement import PerLayerTranscoders, Splice
 from sae_lens_transcoder.replacement.saving import layer_dir, write_transcoder_set
@@ -221,10 +221,10 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         assert isinstance(self.model, HookedTransformer) and sae_cfg.d_out is not None
         if sae_cfg.mlp_layers is not None:
             layers = parse_mlp_layers(sae_cfg.mlp_layers, self.model.cfg.n_layers)
-            hooks = {layer: (default_input_hook(self.model, layer), mlp_out_hook(layer)) for layer in layers}
+            hooks = {layer: (chosen_input_hook(self.model, layer, sae_cfg.mlp_input_hook), mlp_out_hook(layer)) for layer in layers}
         else:
             if sae_cfg.mlp_layer is not None and cfg.hook_name == SAE_LENS_DEFAULT_HOOK:
-                cfg.hook_name = default_input_hook(self.model, sae_cfg.mlp_layer)
+                cfg.hook_name = chosen_input_hook(self.model, sae_cfg.mlp_layer, sae_cfg.mlp_input_hook)
             assert sae_cfg.hook_name_out is not None
             layer = hook_layer(sae_cfg.hook_name_out, "sae.hook_name_out")
             hooks = {layer: (cfg.hook_name, sae_cfg.hook_name_out)}

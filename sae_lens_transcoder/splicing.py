@@ -14,7 +14,7 @@ from sae_lens.saes.sae import SAE
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from sae_lens_transcoder.hooks import ensure_mlp_hook_in
+from sae_lens_transcoder.hooks import ensure_input_hooks
 from sae_lens_transcoder.replacement import PerLayerTranscoders, ReplacementSet, Splice, as_replacement_set, as_splices
 
 __all__ = ["Splice", "ablated", "ablated_features", "as_splices", "keep_only_features", "splice_hooks", "spliced"]
@@ -78,7 +78,7 @@ def spliced(
     def record(layer: int, acts: torch.Tensor) -> None:
         replacement.splices[layer].last_feature_acts = acts
 
-    ensure_mlp_hook_in(model)
+    ensure_input_hooks(model, [replacement.hook_in(layer) for layer in replacement.layers])
     with model.hooks(fwd_hooks=splice_hooks(replacement, use_error_term, record)):
         yield list(replacement.splices.values())
 
@@ -151,6 +151,6 @@ def ablated_features(
     outputs = [layer for layer in replacement.layers if set(replacement.sources(layer)) & set(chosen)]
     hooks = _input_readers(replacement, sorted(chosen), acts)
     hooks += [(replacement.hook_out(layer), lambda y, hook, layer=layer: remove(y, hook, layer)) for layer in outputs]
-    ensure_mlp_hook_in(model)
+    ensure_input_hooks(model, [replacement.hook_in(layer) for layer in replacement.layers])
     with model.hooks(fwd_hooks=hooks):
         yield list(replacement.splices.values())

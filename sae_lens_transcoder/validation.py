@@ -36,7 +36,7 @@ from transformer_lens import HookedTransformer
 
 from sae_lens_transcoder._version import __version__
 from sae_lens_transcoder.data import resolve_dataset_path
-from sae_lens_transcoder.hooks import ensure_mlp_hook_in, hook_layer, mlp_out_hook, probe_hooks
+from sae_lens_transcoder.hooks import ensure_input_hooks, hook_layer, mlp_out_hook, probe_hooks
 from sae_lens_transcoder.layer_spec import parse_mlp_layers
 from sae_lens_transcoder.export.circuit_tracer import CONFIG_FILE as CIRCUIT_TRACER_CONFIG
 from sae_lens_transcoder.replacement import Splice
@@ -399,7 +399,7 @@ def check_splices_fit_model(
     """Every transcoder's hooks exist in ``model`` with its widths (one short probe forward)."""
     if not splices:
         return
-    ensure_mlp_hook_in(model)
+    ensure_input_hooks(model, [splice.hook_name for splice in splices])
     model_label = repr(model_name) if model_name else "the model"
     names = [labels[i] if labels else f"transcoder {i}" for i in range(len(splices))]
 

@@ -3,6 +3,8 @@
 import torch
 from sae_lens.saes.sae import SAE, SAEMetadata
 from sae_lens.saes.transcoder import (
+    JumpReLUTranscoder,
+    JumpReLUTranscoderConfig,
     JumpReLUSkipTranscoder,
     JumpReLUSkipTranscoderConfig,
     SkipTranscoder,
@@ -34,6 +36,8 @@ def random_transcoder(
         tc: SAE = Transcoder(TranscoderConfig(**common))  # type: ignore[type-arg]
     elif kind == "skip":
         tc = SkipTranscoder(SkipTranscoderConfig(**common))
+    elif kind == "jumprelu":
+        tc = JumpReLUTranscoder(JumpReLUTranscoderConfig(**common))
     elif kind == "jumprelu_skip":
         tc = JumpReLUSkipTranscoder(JumpReLUSkipTranscoderConfig(**common))
     elif kind == "topk":

@@ -447,7 +447,7 @@ CASES: list[Case] = [
     case("context-beyond-n-ctx", _py_cfg(model=gpt2, context_size=2 * CONTEXT), ValueError, f"n_ctx={CONTEXT}", stage="model"),
     case("context-beyond-n-ctx-cli", cli_main(*TRAIN, "--context_size", "512"), SystemExit, f"n_ctx={TINY_N_CTX}", stage="model"),
     case("d-in-not-the-hook-width", _py_cfg(model=gpt2, sae={"d_in": 32}), ValueError, "sae.d_in=32", stage="model"),
-    case("hook-never-fires", _py_cfg(model=gpt2, hook_name="blocks.1.hook_mlp_in", sae={"mlp_layer": None}), ValueError,
+    case("hook-never-fires", _py_cfg(model=gpt2, hook_name="blocks.1.hook_q_input", sae={"mlp_layer": None}), ValueError,
          "never fires", stage="model"),
     case("dataset-dir-without-rows", _py_cfg(dataset=None, dataset_path="empty_ds"), ValueError, "has no rows",
          setup=write("empty_ds/train.jsonl", "")),

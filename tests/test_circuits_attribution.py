@@ -23,6 +23,7 @@ from sae_lens_transcoder.models import load_model
 from sae_lens_transcoder.splicing import Splice
 from tests.circuit_fixtures import random_transcoder
 from tests.conftest import D_VOCAB, build_model
+from tests.family_models import FAMILIES, build_family_model
 
 REL = 1e-4
 SETUPS = [
@@ -34,6 +35,11 @@ SETUPS = [
     ("gpt2", "mlp.hook_in", "topk"),
     ("llama", "mlp.hook_in", "topk_skip"),
     ("tiny-trained", "ln2.hook_normalized", "relu"),  # the bundled trained GPT-2-style model
+    # Families with released transcoders (tests/family_models.py): Gemma Scope 2 reads hook_mlp_in.
+    ("gemma2", "hook_mlp_in", "jumprelu_skip"),
+    ("gemma2", "ln2.hook_normalized", "topk"),
+    ("gemma3", "hook_mlp_in", "jumprelu"),
+    ("qwen3", "mlp.hook_in", "relu"),
 ]
 
 
@@ -44,13 +50,16 @@ def _prompt(n: int = 12, seed: int = 5) -> torch.Tensor:
 def _traced(arch: str, hook: str, kind: str) -> Trace:
     if arch == "tiny-trained":
         model = load_model("tiny-gpt2")
+    elif arch in FAMILIES:
+        model = build_family_model(arch)
     else:
         model = build_model("llama", n_key_value_heads=2) if arch == "llama-gqa" else build_model(arch)
+    if arch != "tiny-trained":
         with torch.no_grad():  # fresh attention biases are zero, which would hide a missing bias term
-            for block in model.blocks:
-                block.attn.b_O.add_(0.1 * torch.randn_like(block.attn.b_O))
-                block.attn.b_V.add_(0.1 * torch.randn_like(block.attn.b_V))
-    transcoders = [random_transcoder(model, layer, hook=hook, kind=kind) for layer in (0, 1)]
+            for name, param in model.named_parameters():
+                if name.endswith(("attn.b_O", "attn.b_V", "attn._b_V")):  # _b_V: grouped-query values
+                    param.add_(0.1 * torch.randn_like(param))
+    transcoders = [random_transcoder(model, layer, hook=hook, kind=kind) for layer in range(model.cfg.n_layers)]
     return trace_prompt(model, transcoders, _prompt())
 
 
@@ -116,9 +125,6 @@ def _frozen_model_leaves(trace: Trace, detach_values: bool = True) -> Iterator[d
         hooks.append((f"blocks.{layer}.attn.hook_pattern", lambda x, hook, layer=layer: leaves[f"pattern{layer}"][None]))
         if detach_values:
             hooks.append((f"blocks.{layer}.attn.hook_v", lambda x, hook: x.detach()))
-        for norm in ("ln1", "ln2"):
-            name = f"blocks.{layer}.{norm}.hook_scale"
-            hooks.append((name, lambda x, hook, name=name: trace.get(name)[None]))
         if layer in trace.splices:
             leaves[f"acts{layer}"] = trace.feature_acts[layer].clone().requires_grad_()
             constant = trace.transcoder_bias[layer] + trace.errors[layer] + trace.skips.get(layer, 0.0)
@@ -127,7 +133,9 @@ def _frozen_model_leaves(trace: Trace, detach_values: bool = True) -> Iterator[d
                 return (leaves[f"acts{layer}"] @ trace.decoders[layer, layer] + constant)[None]
 
             hooks.append((f"blocks.{layer}.hook_mlp_out", mlp_out))
-    hooks.append(("ln_final.hook_scale", lambda x, hook: trace.get("ln_final.hook_scale")[None]))
+    for name in trace.cache.cache_dict:  # every norm scale, the post-attention/MLP norms' too
+        if name.endswith(".hook_scale"):
+            hooks.append((name, lambda x, hook, name=name: trace.get(name)[None]))
     with model.hooks(fwd_hooks=hooks):  # type: ignore[arg-type]
         yield leaves
 

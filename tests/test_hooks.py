@@ -54,13 +54,23 @@ def test_unfolded_ln2_hook_normalized_is_rejected_with_the_right_hook(arch: str)
         validate_transcoder_hooks(model, "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out", D_MODEL, D_MODEL)
 
 
-def test_hook_mlp_in_before_the_norm_is_rejected() -> None:
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_hook_mlp_in_is_accepted_as_gemma_scope_2s_convention(arch: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The residual before the MLP's norm is not the MLP's input, but Gemma Scope 2 trains on it
+    (the transcoder learns the norm too): accepted without the opt-in, saying so, and the hook,
+    which TransformerLens only runs with use_hook_mlp_in, is turned on."""
+    model = build_model(arch)
+    assert not model.cfg.use_hook_mlp_in
+    with caplog.at_level(logging.INFO, logger="sae_lens_transcoder.hooks"):
+        validate_transcoder_hooks(model, "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out", D_MODEL, D_MODEL)
+    assert model.cfg.use_hook_mlp_in
+    assert "Gemma Scope 2's convention" in caplog.text and "norm's job" in caplog.text
+
+
+def test_other_residual_hooks_still_need_the_opt_in() -> None:
     model = build_model("gpt2")
-    with pytest.raises(ValueError, match="never fires"):
-        validate_transcoder_hooks(model, "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out", D_MODEL, D_MODEL)
-    model.set_use_hook_mlp_in(True)
-    with pytest.raises(ValueError, match=r"blocks\.1\.mlp\.hook_in"):
-        validate_transcoder_hooks(model, "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out", D_MODEL, D_MODEL)
+    with pytest.raises(ValueError, match=r"Use hook_name='blocks\.1\.mlp\.hook_in'"):
+        validate_transcoder_hooks(model, "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out", D_MODEL, D_MODEL)
 
 
 def test_opting_into_resid_mid_logs_a_warning(caplog: pytest.LogCaptureFixture) -> None:

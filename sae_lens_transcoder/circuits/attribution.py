@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
+from transformer_lens.utilities.activation_functions import softcap_enabled
 
 from sae_lens_transcoder.circuits.nodes import Node
 from sae_lens_transcoder.circuits.trace import Site, Trace
@@ -70,13 +71,28 @@ def unembed_target(trace: Trace, pos: int, direction: torch.Tensor, constant: fl
 
 @torch.no_grad()
 def logit_target(trace: Trace, pos: int, token: int, versus: int | None = None) -> Target:
-    """The logit of ``token`` at ``pos``, or its difference to the logit of ``versus``."""
-    W_U, b_U = trace.model.W_U, trace.model.b_U
-    direction, constant = W_U[:, token], b_U[token]
+    """The logit of ``token`` at ``pos``, or its difference to the logit of ``versus``.
+
+    A final-logit soft-cap (Gemma 2/3: ``cap · tanh(logit / cap)``) is linearised at the
+    prompt: the target's value there is the capped logit the model outputs, and each node's
+    contribution is its share of the raw logit times the cap's slope ``1 − tanh²``.
+    """
+    target = _capped_logit(trace, pos, token)
     if versus is not None:
-        direction, constant = direction - W_U[:, versus], constant - b_U[versus]
-    target = unembed_target(trace, pos, direction, constant)
+        other = _capped_logit(trace, pos, versus)
+        target = replace(target, direction=target.direction - other.direction, constant=target.constant - other.constant)
     return replace(target, node=replace(target.node, index=token))
+
+
+def _capped_logit(trace: Trace, pos: int, token: int) -> Target:
+    raw = unembed_target(trace, pos, trace.model.W_U[:, token], trace.model.b_U[token])
+    cap = trace.model.cfg.output_logits_soft_cap
+    if not softcap_enabled(cap):
+        return raw
+    value = torch.as_tensor(target_value(trace, raw), dtype=raw.constant.dtype)
+    capped = cap * torch.tanh(value / cap)
+    slope = 1 - torch.tanh(value / cap) ** 2
+    return Target(raw.node, raw.site, pos, raw.direction * slope, raw.constant * slope + capped - slope * value)
 
 
 @torch.no_grad()
@@ -99,7 +115,7 @@ def head_target_for(trace: Trace, direction: torch.Tensor, dest: int, layer: int
     ``direction``, so one call serves the sum of several parents."""
     attn = trace.model.blocks[layer].attn
     weight = trace.pattern(layer)[head, dest, src]
-    out_read = attn.W_O[head] @ direction  # [d_head]
+    out_read = attn.W_O[head] @ trace.read_attn_output(layer, direction, dest)[0]  # [d_head]
     norm = trace.attn_norm(layer)
     pulled, constant = norm.pull_back(weight * (trace.value_weights[layer][head] @ out_read), trace.scale(norm, src))
     constant = constant + weight * (attn.b_V[head] @ out_read)
@@ -165,10 +181,11 @@ def direct_contributions(trace: Trace, target: Target) -> Contributions:
     attn_layers, mlp_layers = trace.writes_before(target.site)
     for layer in attn_layers:
         attn = trace.model.blocks[layer].attn
-        out_read = attn.W_O @ g  # [n_heads, d_head]
+        read, norm_constant = trace.read_attn_output(layer, g, pos)
+        out_read = attn.W_O @ read  # [n_heads, d_head]
         per_source = torch.einsum("shk,hk->hs", trace.values[layer], out_read)
         result.heads[layer] = trace.pattern(layer)[:, pos, :] * per_source
-        result.others[Node("attn_bias", layer, pos)] = float(attn.b_O @ g)
+        result.others[Node("attn_bias", layer, pos)] = float(attn.b_O @ read + norm_constant)
     for source, acts in trace.feature_acts.items():
         outputs = trace.outputs_read_by(source, target.site)
         if outputs:

@@ -249,7 +249,8 @@ def _batch_attention_pullback(trace: Trace, layer: int, directions: torch.Tensor
     batch, n_pos, d_model = directions.shape
     W_O = attn.W_O  # [head, d_head, d_model]
     n_heads, d_head = W_O.shape[0], W_O.shape[1]
-    bias += (directions @ attn.b_O).sum(-1)
+    directions, norm_constants = trace.read_attn_output(layer, directions, slice(None))
+    bias += (directions @ attn.b_O).sum(-1) + norm_constants.reshape(batch, -1).sum(-1)
     out_read = directions @ W_O.reshape(n_heads * d_head, d_model).T  # [batch, dest, head * d_head]
     by_head = out_read.reshape(batch, n_pos, n_heads, d_head).permute(2, 1, 0, 3).reshape(n_heads, n_pos, batch * d_head)
     moved = torch.bmm(trace.pattern(layer).transpose(1, 2), by_head)  # [head, src, batch * d_head]

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from sae_lens.saes.sae import SAE
 from transformer_lens import ActivationCache, HookedTransformer
+from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 from sae_lens_transcoder.circuits.norms import FrozenNorm, frozen_norm
-from sae_lens_transcoder.hooks import ensure_mlp_hook_in, mlp_out_hook
+from sae_lens_transcoder.hooks import ensure_input_hooks, mlp_out_hook
 from sae_lens_transcoder.replacement import PerLayerTranscoders, ReplacementSet, Splice, as_replacement_set
 from sae_lens_transcoder.validation import check_splices_fit_model
 
@@ -43,6 +44,30 @@ def final_norm(model: HookedTransformer) -> FrozenNorm:
     if not hasattr(model, "ln_final"):
         return FrozenNorm(scale_hook=None)
     return frozen_norm(model.ln_final, "ln_final.hook_scale", full_output=True)
+
+
+def attn_output_norm(model: HookedTransformer, layer: int) -> FrozenNorm:
+    """Gemma 2/3's post-attention norm (the identity elsewhere): what turns the heads' summed
+    output into the ``hook_attn_out`` that is added to the residual stream."""
+    block = model.blocks[layer]
+    if not model.cfg.use_normalization_before_and_after or not hasattr(block, "ln1_post"):
+        return FrozenNorm(scale_hook=None)
+    return frozen_norm(block.ln1_post, f"blocks.{layer}.ln1_post.hook_scale", full_output=True)
+
+
+def check_supported_architecture(model: HookedTransformer) -> None:
+    """Refuse block layouts whose residual stream is not "pre-norm attention + MLP", naming why."""
+    cfg = model.cfg
+    if cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        raise ValueError(
+            f"{cfg.original_architecture} normalises attention and MLP outputs with the block's ln1/ln2 after "
+            "the residual read (a post-norm block): circuits support pre-norm blocks (GPT-2, NeoX, Llama, "
+            "Qwen2/3, Mistral, Gemma 1/2/3) only."
+        )
+    if cfg.attn_only:
+        raise ValueError("circuits need MLPs to replace: this model is attention-only (attn_only=True).")
+    if cfg.positional_embedding_type == "shortformer":
+        raise ValueError("circuits do not support shortformer positional embeddings (added to queries/keys only).")
 
 
 def transcoder_input_norm(model: HookedTransformer, name: str, layer: int) -> FrozenNorm:
@@ -138,6 +163,18 @@ class Trace:
     def attn_norm(self, layer: int) -> FrozenNorm:
         return frozen_norm(self.model.blocks[layer].ln1, f"blocks.{layer}.ln1.hook_scale", full_output=True)
 
+    def attn_output_norm(self, layer: int) -> FrozenNorm:
+        return attn_output_norm(self.model, layer)
+
+    def read_attn_output(self, layer: int, direction: torch.Tensor, pos: int | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(direction on the heads' summed output, constant) that ``direction`` reads of attention
+        ``layer``'s write at token(s) ``pos``, through the frozen post-attention norm if any."""
+        norm = self.attn_output_norm(layer)
+        if norm.scale_hook is None:
+            return direction, direction.new_zeros(direction.shape[:-1])
+        pulled, constant = norm.pull_back(direction, self.get(norm.scale_hook)[pos])
+        return pulled, constant.expand(direction.shape[:-1])
+
     def final_norm(self) -> FrozenNorm:
         return final_norm(self.model)
 
@@ -153,7 +190,8 @@ def _cached_names(model: HookedTransformer, replacement: ReplacementSet) -> set[
     for layer in range(model.cfg.n_layers):
         block = f"blocks.{layer}"
         names |= {f"{block}.{h}" for h in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")}
-        names |= {f"{block}.ln1.hook_scale", f"{block}.ln2.hook_scale", f"{block}.attn.hook_pattern"}
+        names |= {f"{block}.{norm}.hook_scale" for norm in ("ln1", "ln2", "ln1_post", "ln2_post")}
+        names.add(f"{block}.attn.hook_pattern")
     return names | {replacement.hook_in(layer) for layer in replacement.layers}
 
 
@@ -168,8 +206,7 @@ def trace_prompt(
 ) -> Trace:
     """Run ``tokens`` (a string or 1-D ids) and record the frozen model's terms."""
     replacement = transcoders if isinstance(transcoders, ReplacementSet) else as_replacement_set(transcoders)
-    if model.cfg.use_normalization_before_and_after:
-        raise ValueError("circuits do not support models with post-attention/post-MLP norms (Gemma 2/3) yet.")
+    check_supported_architecture(model)
     if isinstance(tokens, str):
         tokens = model.to_tokens(tokens, truncate=False)[0]  # not cut to n_ctx: checked below
     tokens = tokens.to(model.cfg.device)
@@ -183,7 +220,7 @@ def trace_prompt(
     for layer in replacement.layers:
         if replacement.hook_out(layer) != mlp_out_hook(layer):
             raise ValueError(f"transcoder hook_name_out={replacement.hook_out(layer)!r}: circuits need {mlp_out_hook(layer)!r}.")
-    ensure_mlp_hook_in(model)
+    ensure_input_hooks(model, [replacement.hook_in(layer) for layer in replacement.layers])
     if isinstance(replacement, PerLayerTranscoders):  # the model check takes Splices
         check_splices_fit_model(model, list(replacement.splices.values()))
     names = _cached_names(model, replacement)
@@ -209,6 +246,9 @@ def _record_attention(trace: Trace) -> None:
         values = torch.einsum("sd,hdk->shk", attn_in, trace.value_weights[layer]) + attn.b_V
         trace.attn_in[layer], trace.values[layer] = attn_in, values
         heads_out = torch.einsum("hts,shk,hkd->td", trace.pattern(layer), values, attn.W_O) + attn.b_O
+        post = trace.attn_output_norm(layer)
+        if post.scale_hook is not None:
+            heads_out = post.apply(heads_out, trace.get(post.scale_hook))
         if not _close(heads_out, trace.get(f"blocks.{layer}.hook_attn_out")):
             raise ValueError(
                 f"layer {layer}'s attention output is not the sum of its heads' OV outputs under the cached "

@@ -9,7 +9,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from sae_lens_transcoder.circuits.norms import frozen_norm
-from sae_lens_transcoder.circuits.trace import final_norm, transcoder_input_norm
+from sae_lens_transcoder.circuits.trace import attn_output_norm, final_norm, transcoder_input_norm
 from sae_lens_transcoder.replacement import PerLayerTranscoders, Splice
 
 TokenScores = list[tuple[str, float]]
@@ -28,10 +28,12 @@ def decoder_directions(splice: Splice) -> torch.Tensor:
 
 def ov_pullback(model: HookedTransformer, layer: int, head: int, direction: torch.Tensor) -> torch.Tensor:
     """The source-token residual direction that head ``head`` of ``layer`` maps onto ``direction``
-    (attention weight 1): ``W_V W_O direction`` read through ``ln1``."""
+    (attention weight 1): ``W_V W_O direction`` read through ``ln1`` (and, on Gemma 2/3, the
+    post-attention norm's weight)."""
     attn = model.blocks[layer].attn
     norm = frozen_norm(model.blocks[layer].ln1, f"blocks.{layer}.ln1.hook_scale", full_output=True)
-    return norm.read_direction(attn.W_V[head] @ (attn.W_O[head] @ direction))
+    written = attn_output_norm(model, layer).read_direction(direction)
+    return norm.read_direction(attn.W_V[head] @ (attn.W_O[head] @ written))
 
 
 @torch.no_grad()

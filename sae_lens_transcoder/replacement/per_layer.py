@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from sae_lens.saes.sae import SAE
 
-from sae_lens_transcoder.hooks import hook_layer, mlp_out_hook
+from sae_lens_transcoder.hooks import hook_layer, mlp_out_hook, released_input_hook
 from sae_lens_transcoder.replacement.base import ReplacementSet
 from sae_lens_transcoder.replacement.folding import ModelUnits, fold
 from sae_lens_transcoder.saes.mixin import TranscoderMixin
@@ -42,7 +42,7 @@ class Splice:
     @classmethod
     def from_sae(cls, sae: SAE, input_scale: float = 1.0) -> "Splice":  # type: ignore[type-arg]
         meta = sae.cfg.metadata
-        hook_name = meta.hook_name
+        hook_name = released_input_hook(meta)
         hook_name_out = meta.hook_name_out or getattr(sae.cfg, "hook_name_out", None)
         if hook_name is None:
             raise ValueError("transcoder cfg.metadata.hook_name is missing: cannot splice it.")

@@ -50,7 +50,10 @@ class TranscoderConfigMixin(TrainingSAEConfig):
     to ``-mean(x) @ W_enc`` so that features start out reading the centred input. Both are
     skipped whenever weights are loaded (resume, fine-tuning). ``allow_inexact_mlp_input``
     opts into an input hook that is not exactly what the MLP reads (e.g.
-    ``hook_resid_mid``, as the paper's code allowed). ``decoder_impl`` picks the training
+    ``hook_resid_mid``, as the paper's code allowed). Where ``mlp_layer``/``mlp_layers`` pick
+    the input hook, ``mlp_input_hook="hook_mlp_in"`` picks the residual before the MLP's norm
+    instead of the MLP's exact input: Gemma Scope 2's convention, where the transcoder also
+    does the norm's job. ``decoder_impl`` picks the training
     decode: ``sparse`` gathers each token's non-zero codes (``sparse_decode``), ``dense`` is
     SAELens's matmul, ``auto`` uses the sparse one whenever the batch is sparse enough.
     """
@@ -69,6 +72,7 @@ class TranscoderConfigMixin(TrainingSAEConfig):
     mlp_layer: int | None = None
     mlp_layers: str | None = None
     allow_inexact_mlp_input: bool = False
+    mlp_input_hook: Literal["exact", "hook_mlp_in"] = "exact"
     b_dec_init: Literal["mean", "zeros"] = "mean"
     b_enc_init: Literal["mean_input", "zeros"] = "mean_input"
     decoder_impl: Literal["auto", "dense", "sparse"] = "auto"
@@ -92,6 +96,8 @@ class TranscoderConfigMixin(TrainingSAEConfig):
                 "sae.reshape_activations must be 'none' for a transcoder (it reads an MLP "
                 f"input, not hook_z); got {self.reshape_activations!r}."
             )
+        if self.mlp_input_hook not in ("exact", "hook_mlp_in"):
+            raise ValueError(f"sae.mlp_input_hook must be 'exact' or 'hook_mlp_in'; got {self.mlp_input_hook!r}.")
         if self.b_dec_init not in ("mean", "zeros"):
             raise ValueError(f"sae.b_dec_init must be 'mean' or 'zeros'; got {self.b_dec_init!r}.")
         if self.decoder_impl not in ("auto", "dense", "sparse"):
