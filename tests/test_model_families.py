@@ -259,3 +259,25 @@ def test_gemma_scope_gemma_2_transcoders_as_released(local_hub: LocalHub) -> Non
     released = gemma_scope_2b_transcoders(local_hub, d_model=model.cfg.d_model, d_sae=48, n_layers=N_LAYERS)
     assert [s.hook_name for s in as_splices(released.transcoders)] == [f"blocks.{layer}.ln2.hook_normalized" for layer in range(N_LAYERS)]
     _assert_traces_exactly(model, released.transcoders)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_hooks_are_the_mlps_input_and_the_post_normed_output(family: str) -> None:
+    """mlp.hook_in feeds the MLP exactly; hook_mlp_out is what the block adds to the residual
+    (on Gemma the post-MLP norm of the MLP's output); ln2.hook_normalized, before Gemma's and
+    Qwen3's norm weight, is refused with the right hook named."""
+    from sae_lens_transcoder.hooks import default_input_hook, validate_transcoder_hooks
+
+    model = build_family_model(family)
+    hook = default_input_hook(model, 1)
+    assert hook == "blocks.1.mlp.hook_in"
+    validate_transcoder_hooks(model, hook, "blocks.1.hook_mlp_out", model.cfg.d_model, model.cfg.d_model)
+    _, cache = model.run_with_cache(_prompt()[None])
+    block = model.blocks[1]
+    with torch.no_grad():
+        y = block.mlp(cache[hook])
+        if family.startswith("gemma"):
+            y = block.ln2_post(y)
+    torch.testing.assert_close(y, cache["blocks.1.hook_mlp_out"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"Use hook_name='blocks\.1\.mlp\.hook_in'"):
+        validate_transcoder_hooks(model, "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out", model.cfg.d_model, model.cfg.d_model)
