@@ -28,9 +28,9 @@ WAIT_S = 20
 
 
 def _find(env: str, names: tuple[str, ...]) -> str | None:
-    if os.environ.get(env):
-        return os.environ[env]
-    return next((path for path in map(shutil.which, names) if path), None)
+    """The executable named by ``env``, else the first of ``names`` on PATH (None if absent)."""
+    candidates = (os.environ[env],) if os.environ.get(env) else names
+    return next((path for path in map(shutil.which, candidates) if path), None)
 
 
 @pytest.fixture
@@ -120,6 +120,7 @@ def test_graph_renders_and_a_click_opens_the_feature_page(browser: Any, tmp_path
         ActionChains(browser).move_to_element(circle).perform()
         tooltip = wait.until(ec.visibility_of_element_located((By.ID, "tooltip")))
         assert node["node_id"] in tooltip.text
+        assert browser.find_elements(By.CSS_SELECTOR, "#graph-svg .edge.path"), "hovering should light the path to the output"
         _screenshot(browser, tmp_path, "2-graph-hover")
         circle.click()
 

@@ -18,7 +18,10 @@ shards). So a folder of graphs carries its feature files at
 
 which is what ``feature_file_path`` returns and what ``sae-lens-transcoder serve`` reads.
 A scan is used as a relative path, so it must be a portable id (``"gpt2/relu-transcoders"``),
-not a path on the machine that made the graph.
+not a path on the machine that made the graph. (circuit-tracer's stock page rewrites
+``./features/`` to its CDN, so offline it finds local files only through a ``./`` scan that
+its server maps, e.g. ``"./graph_data/features/<id>"`` under ``local_server.serve(data_dir)``;
+our ``serve`` reads the plain layout.)
 """
 
 import math
