@@ -120,6 +120,7 @@ def test_graph_renders_and_a_click_opens_the_feature_page(browser: Any, tmp_path
         ActionChains(browser).move_to_element(circle).perform()
         tooltip = wait.until(ec.visibility_of_element_located((By.ID, "tooltip")))
         assert node["node_id"] in tooltip.text
+        wait.until(lambda _: "logit lens:" in tooltip.text)  # from the feature file, loaded on hover
         assert browser.find_elements(By.CSS_SELECTOR, "#graph-svg .edge.path"), "hovering should light the path to the output"
         _screenshot(browser, tmp_path, "2-graph-hover")
         circle.click()

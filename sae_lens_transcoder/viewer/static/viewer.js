@@ -200,6 +200,7 @@ function nodeShape(node, p) {
 
 function showTooltip(event, lines) {
   tooltip.replaceChildren(...lines.map((line, i) => el(i ? 'div' : 'strong', {text: line})));
+  tooltip.dataset.nodeId = event.target.dataset.nodeId || '';
   tooltip.hidden = false;
   tooltip.style.left = `${event.pageX + 14}px`;
   tooltip.style.top = `${event.pageY + 14}px`;
@@ -257,11 +258,18 @@ function drawGraph(file, graph, holder, count) {
   const nodeLayer = svgEl('g', {class: 'nodes'});
   for (const node of nodes) {
     const shape = nodeShape(node, L.position.get(node.node_id));
+    let lines = nodeLines(node, graph);
     shape.addEventListener('mouseenter', (event) => {
-      showTooltip(event, nodeLines(node, graph));
+      showTooltip(event, lines);
       highlight(canvas, graph, node.node_id);
+      const path = cache.featureFiles.get(file)[node.node_id];
+      if (path) loadFeature(path).then((feature) => { // the feature file adds what it does, when it has loaded
+        lines = [...nodeLines(node, graph), `fires on ${(100 * feature.activation_frequency).toFixed(2)}% of tokens`,
+          `logit lens: ${feature.top_logits.slice(0, 5).map(visibleToken).join(' · ')}`];
+        if (!tooltip.hidden && tooltip.dataset.nodeId === node.node_id) showTooltip(event, lines);
+      });
     });
-    shape.addEventListener('mousemove', (event) => showTooltip(event, nodeLines(node, graph)));
+    shape.addEventListener('mousemove', (event) => showTooltip(event, lines));
     shape.addEventListener('mouseleave', () => { hideTooltip(); highlight(canvas, graph, null); });
     shape.addEventListener('click', () => { hideTooltip(); location.hash = nodeHash(file, node.node_id); });
     nodeLayer.append(shape);
