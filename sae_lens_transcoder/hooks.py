@@ -56,7 +56,7 @@ def ensure_mlp_hook_in(model: HookedTransformer) -> None:
 
 
 def residual_mlp_in_hook(layer: int) -> str:
-    """The residual stream before the MLP's norm (Gemma Scope 2's transcoders read it)."""
+    """The residual stream before the MLP's norm (SAELens's hook for Gemma Scope 2 transcoders)."""
     return f"blocks.{layer}.hook_mlp_in"
 
 
@@ -171,7 +171,7 @@ def validate_transcoder_hooks(
         return
     if hook_name == residual_mlp_in_hook(layer):
         logger.info(
-            "Training on %s, the residual stream before MLP %d's norm (Gemma Scope 2's convention): "
+            "Training on %s, the residual stream before MLP %d's norm (the hook SAELens gives Gemma Scope 2): "
             "the transcoder does the norm's job as well as the MLP's.",
             hook_name,
             layer,

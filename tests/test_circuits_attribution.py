@@ -35,7 +35,7 @@ SETUPS = [
     ("gpt2", "mlp.hook_in", "topk"),
     ("llama", "mlp.hook_in", "topk_skip"),
     ("tiny-trained", "ln2.hook_normalized", "relu"),  # the bundled trained GPT-2-style model
-    # Families with released transcoders (tests/family_models.py): Gemma Scope 2 reads hook_mlp_in.
+    # Families with released transcoders (tests/family_models.py), reading before and after the norm.
     ("gemma2", "hook_mlp_in", "jumprelu_skip"),
     ("gemma2", "ln2.hook_normalized", "topk"),
     ("gemma3", "hook_mlp_in", "jumprelu"),

@@ -55,16 +55,16 @@ def test_unfolded_ln2_hook_normalized_is_rejected_with_the_right_hook(arch: str)
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_hook_mlp_in_is_accepted_as_gemma_scope_2s_convention(arch: str, caplog: pytest.LogCaptureFixture) -> None:
-    """The residual before the MLP's norm is not the MLP's input, but Gemma Scope 2 trains on it
-    (the transcoder learns the norm too): accepted without the opt-in, saying so, and the hook,
+def test_hook_mlp_in_is_accepted_as_the_residual_before_the_norm(arch: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The residual before the MLP's norm is not the MLP's input, but SAELens gives it to Gemma
+    Scope 2 (the transcoder learns the norm too): accepted without the opt-in, saying so; the hook,
     which TransformerLens only runs with use_hook_mlp_in, is turned on."""
     model = build_model(arch)
     assert not model.cfg.use_hook_mlp_in
     with caplog.at_level(logging.INFO, logger="sae_lens_transcoder.hooks"):
         validate_transcoder_hooks(model, "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out", D_MODEL, D_MODEL)
     assert model.cfg.use_hook_mlp_in
-    assert "Gemma Scope 2's convention" in caplog.text and "norm's job" in caplog.text
+    assert "before MLP 1's norm" in caplog.text and "norm's job" in caplog.text
 
 
 def test_other_residual_hooks_still_need_the_opt_in() -> None:

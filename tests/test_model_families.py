@@ -189,7 +189,7 @@ def test_splicing_replaces_the_mlp_output_the_release_writes(family: str) -> Non
 
 @pytest.mark.parametrize(("family", "mlp_input_hook", "hook"), [("gemma3", "hook_mlp_in", "hook_mlp_in"), ("qwen3", "exact", "mlp.hook_in")])
 def test_training_a_set_on_each_family(family: str, mlp_input_hook: str, hook: str, tmp_path: Path) -> None:
-    """``mlp_input_hook: hook_mlp_in`` trains as Gemma Scope 2 did; ``exact`` the MLP's own input."""
+    """``mlp_input_hook: hook_mlp_in`` trains on the residual before the norm; ``exact`` on the MLP's own input."""
     model = build_family_model(family)
     ids = torch.randint(1, D_VOCAB, (300, CONTEXT), generator=torch.Generator().manual_seed(1))
     cfg = runner_config(

@@ -52,8 +52,8 @@ class TranscoderConfigMixin(TrainingSAEConfig):
     opts into an input hook that is not exactly what the MLP reads (e.g.
     ``hook_resid_mid``, as the paper's code allowed). Where ``mlp_layer``/``mlp_layers`` pick
     the input hook, ``mlp_input_hook="hook_mlp_in"`` picks the residual before the MLP's norm
-    instead of the MLP's exact input: Gemma Scope 2's convention, where the transcoder also
-    does the norm's job. ``decoder_impl`` picks the training
+    instead of the MLP's exact input (the hook SAELens gives Gemma Scope 2's transcoders), so
+    the transcoder also does the norm's job. ``decoder_impl`` picks the training
     decode: ``sparse`` gathers each token's non-zero codes (``sparse_decode``), ``dense`` is
     SAELens's matmul, ``auto`` uses the sparse one whenever the batch is sparse enough.
     """
