@@ -26,6 +26,8 @@ REQUIRED: dict[str, tuple[object, str]] = {
     # progress bar, which SAELens only moves every 100 steps.
     "MultiSAETrainer._maybe_log_sparsity": (MultiSAETrainer, "_maybe_log_sparsity"),
     "MultiSAETrainer._update_pbar": (MultiSAETrainer, "_update_pbar"),
+    # Overridden by the data-parallel set trainer: the scaling factor of the global stream.
+    "MultiSAETrainer._estimate_scaling_factors": (MultiSAETrainer, "_estimate_scaling_factors"),
 }
 
 

@@ -18,6 +18,9 @@ from sae_lens.util import get_special_token_ids
 import sae_lens_transcoder  # noqa: F401  (registers architecture="transcoder")
 from sae_lens_transcoder.circuits.command import attribute
 from sae_lens_transcoder.config_io import runner_config_from_args
+from sae_lens_transcoder.distributed import PeerFailure, process_group_from_env
+from sae_lens_transcoder.distributed.launch import resume_latest
+from sae_lens_transcoder.distributed.world import DEFAULT_TIMEOUT_S
 from sae_lens_transcoder.evals import evaluate_spliced
 from sae_lens_transcoder.export.circuit_tracer import export_circuit_tracer
 from sae_lens_transcoder.features.command import features
@@ -57,23 +60,45 @@ def train(argv: Sequence[str]) -> dict[str, Any]:
     parser.add_argument("--json", help="write the final metrics here")
     parser.add_argument("--overwrite", action="store_true", help="replace --output_path even if it holds other files")
     parser.add_argument("--help-sae-lens", action="store_true", help="list SAELens's flags")
+    parser.add_argument(
+        "--resume-latest",
+        action="store_true",
+        help="resume from the furthest complete checkpoint under --checkpoint_path, if any (what a torchrun "
+        "--max-restarts restart needs)",
+    )
+    parser.add_argument(
+        "--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, help="under torchrun: seconds a rank waits for the others"
+    )
     ours, sae_lens_args = parser.parse_known_args(argv)
     if ours.help_sae_lens:
         runner_config_from_args(["--architecture", "transcoder", "--help"])
     with exit_on_bad_input("train"):
         check_number("--eval-tokens", ours.eval_tokens, integer=True, minimum=0, hint=" (0 skips the evaluation)")
+        check_number("--dist-timeout", ours.dist_timeout, minimum=1)
         cfg = runner_config_from_args(sae_lens_args, config_file=ours.config)
-        start = time.perf_counter()
-        runner = TranscoderTrainingRunner(cfg, overwrite_output=ours.overwrite)
-    try:
-        sae = runner.run()
-    except TrainingInterrupted as stop:
-        print(f"sae-lens-transcoder train: {stop}", file=sys.stderr)
-        raise SystemExit(128 + (stop.signal_number or 0)) from None
-    except (NonFiniteLossError, NonFiniteActivationsError) as error:
-        raise SystemExit(f"sae-lens-transcoder train: {error}") from None
-    except OSError as error:  # e.g. a full disk at the final save, which leaves output_path as it was
-        raise SystemExit(f"sae-lens-transcoder train: {error}") from None
+    # Under torchrun, every rank runs this; the group lasts until training and saving end.
+    with process_group_from_env(cfg.device, ours.dist_timeout) as world:
+        with exit_on_bad_input("train"):
+            if ours.resume_latest:
+                resume_latest(cfg, world)
+            start = time.perf_counter()
+            runner = TranscoderTrainingRunner(cfg, overwrite_output=ours.overwrite)
+        try:
+            sae = runner.run()
+        except TrainingInterrupted as stop:
+            print(f"sae-lens-transcoder train: {stop}", file=sys.stderr)
+            raise SystemExit(128 + (stop.signal_number or 0)) from None
+        except (NonFiniteLossError, NonFiniteActivationsError, PeerFailure) as error:
+            raise SystemExit(f"sae-lens-transcoder train: {error}") from None
+        except OSError as error:  # e.g. a full disk at the final save, which leaves output_path as it was
+            raise SystemExit(f"sae-lens-transcoder train: {error}") from None
+    if not world.is_writer:
+        return {"rank": world.rank, "output_path": cfg.output_path}
+    return _report_training(runner, sae, cfg, ours, start)
+
+
+def _report_training(runner: TranscoderTrainingRunner, sae: Any, cfg: Any, ours: argparse.Namespace, start: float) -> dict[str, Any]:
+    """The summary table, held-out evaluation and JSON of a finished run (rank 0's job)."""
     wall = time.perf_counter() - start
     summary: dict[str, Any] = {
         "name": f"{cfg.model_name}:{cfg.hook_name}",

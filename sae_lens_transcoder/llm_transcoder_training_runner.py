@@ -30,13 +30,16 @@ from transformer_lens.hook_points import HookedRootModule
 from sae_lens_transcoder import models
 from sae_lens_transcoder._version import __version__
 from sae_lens_transcoder.atomic import replace_dir_atomically
+from sae_lens_transcoder.distributed import DataParallelSetTrainer, current_world
+from sae_lens_transcoder.distributed.collectives import all_ranks_ok
+from sae_lens_transcoder.distributed.config import prepare_config_for_world
 from sae_lens_transcoder.hooks import chosen_input_hook, hook_layer, mlp_out_hook, validate_transcoder_hooks
 from sae_lens_transcoder.layer_spec import parse_mlp_layers
 from sae_lens_transcoder.replacement import PerLayerTranscoders, Splice
 from sae_lens_transcoder.replacement.saving import layer_dir, write_transcoder_set
 from sae_lens_transcoder.saes.transcoder import TrainingTranscoderConfig
 from sae_lens_transcoder.training.activations_store import TranscoderActivationsStore
-from sae_lens_transcoder.training.checkpoint_view import write_inference_view
+from sae_lens_transcoder.training.checkpoint_view import CHECKPOINT_COMPLETE_FILENAME, write_inference_view
 from sae_lens_transcoder.training.evaluator import TranscoderSetEvaluator
 from sae_lens_transcoder.training.set_trainer import TranscoderSetTrainer
 from sae_lens_transcoder.training.shuffle_buffer import TrackedBatches
@@ -50,9 +53,6 @@ from sae_lens_transcoder.validation import (
 )
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_COMPLETE_FILENAME = "checkpoint_complete.json"
-
 
 def is_offline_model(name: str) -> bool:
     return models.is_embedded_model_name(name) or models.is_local_model_dir(name)
@@ -112,6 +112,9 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         if cfg.resume_from_checkpoint is not None:
             require_complete_checkpoint(cfg.resume_from_checkpoint)
         self.cfg = cfg
+        # Inside a process group of several ranks, training is data parallel (see distributed/).
+        self.world = current_world()
+        prepare_config_for_world(cfg, self.world)
         self.model = override_model if override_model is not None else self._load_model()
         if not isinstance(self.model, HookedTransformer):
             raise ValueError("TranscoderTrainingRunner needs a HookedTransformer model.")
@@ -157,6 +160,7 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
                 config=cfg.to_dict(),
                 name=cfg.logger.run_name,
                 id=cfg.logger.wandb_id,
+                mode=None if self.world.is_writer else "disabled",  # one run, logged by rank 0
             )
         store = self.activations_store
         if cfg.resume_from_checkpoint is not None:
@@ -171,7 +175,8 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         names = [trainer_name(layer) for layer in self.layers]
         stop = StopSignals()
         try:
-            self.trainer = TranscoderSetTrainer(
+            set_trainer = DataParallelSetTrainer if self.world.is_distributed else TranscoderSetTrainer
+            self.trainer = set_trainer(
                 cfg=cfg.to_sae_trainer_config(),
                 saes=dict(zip(names, self.transcoders.values())),
                 hook_names={name: name for name in names},
@@ -187,7 +192,7 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
             with stop:
                 self.trainer.fit()
             if cfg.output_path is not None:
-                self.save_final_outputs(cfg.output_path)
+                self._save_final_outputs_once(cfg.output_path)
             if cfg.logger.log_to_wandb:
                 wandb.finish()
             return dict(self.transcoders) if self.is_set else self.sae
@@ -289,15 +294,35 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         # Called last by MultiSAETrainer.save_checkpoint, after every transcoder's files.
         if checkpoint_path is None:
             return
-        super().save_checkpoint(checkpoint_path)
         assert self.data_position is not None and self.trainer is not None
+        # Every rank's own data position; everything else once, by rank 0.
         self.activations_store.save_stream_state(self.data_position.state, checkpoint_path)
+        if not self.world.is_writer:
+            return
+        super().save_checkpoint(checkpoint_path)
         for name, trainer in self.trainer.trainers.items():
             write_inference_view(trainer.sae, trainer.activation_scaler.scaling_factor or 1.0, Path(checkpoint_path) / name)
         marker = Path(checkpoint_path) / CHECKPOINT_COMPLETE_FILENAME
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps({"complete": True}))
         os.replace(tmp, marker)
+
+    def _save_final_outputs_once(self, output_path: str) -> None:
+        """Rank 0 writes the outputs; every rank fails if that failed, none returns alone."""
+        if not self.world.is_distributed:
+            self.save_final_outputs(output_path)
+            return
+        error: Exception | None = None
+        if self.world.is_writer:
+            try:
+                self.save_final_outputs(output_path)
+            except Exception as e:  # noqa: BLE001  (re-raised once the ranks agree)
+                error = e
+        saved = all_ranks_ok(error is None, "confirming rank 0 saved the transcoders")
+        if error is not None:
+            raise error
+        if not saved:
+            raise OSError(f"rank 0 could not save the transcoders to {output_path!r} (see its error)")
 
     def save_final_outputs(self, output_path: str) -> None:
         """The transcoder at ``output_path``, or a set there (one directory per layer, a

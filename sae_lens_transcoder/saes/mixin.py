@@ -31,6 +31,7 @@ from sae_lens.saes.sae import SAE, SAEConfig, TrainingSAE, TrainingSAEConfig, Tr
 from torch import nn
 from typing_extensions import override
 
+from sae_lens_transcoder.distributed.replicas import mean_across_replicas
 from sae_lens_transcoder.saes.sparse_decode import SPARSE_DECODE_MAX_DENSITY, densest_row, sparse_decode
 from sae_lens_transcoder.training.checkpoint_view import training_weights_file
 
@@ -268,11 +269,12 @@ class TranscoderMixin:
 
     @torch.no_grad()
     def _init_biases_from_data(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        # x and y are already in the trainer's scaled space.
+        # x and y are already in the trainer's scaled space; in data-parallel training the
+        # means are the global batch's, so every rank's replica starts from the same biases.
         if self._data_init_pending["b_dec"]:
-            self.b_dec.copy_(y.mean(0))
+            self.b_dec.copy_(mean_across_replicas(y.mean(0)))
         if self._data_init_pending["b_enc"]:
-            self.b_enc.copy_(-(x.mean(0).to(self.W_enc.dtype) @ self.W_enc))
+            self.b_enc.copy_(-(mean_across_replicas(x.mean(0)).to(self.W_enc.dtype) @ self.W_enc))
         self._data_init_pending |= {"b_dec": False, "b_enc": False}
 
     def load_weights_from_checkpoint(self, checkpoint_path: Path | str) -> None:

@@ -40,6 +40,7 @@ from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEC
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from typing_extensions import override
 
+from sae_lens_transcoder.distributed.replicas import min_across_replicas
 from sae_lens_transcoder.saes.mixin import TranscoderConfigMixin, TranscoderMixin, TranscoderTrainingCore
 from sae_lens_transcoder.saes.topk_transcoder import TOPK_SKIP_TRANSCODER, TOPK_TRANSCODER
 
@@ -163,9 +164,11 @@ class _ThresholdFromFirstBatch:
         positive = acts_topk[acts_topk > 0]
         if not self._data_init_pending["topk_threshold"] or not positive.numel():
             super().update_topk_threshold(acts_topk)  # type: ignore[misc]
-            return
-        self.topk_threshold = positive.min().to(self.topk_threshold.dtype)
-        self._data_init_pending["topk_threshold"] = False
+        else:
+            self.topk_threshold = positive.min().to(self.topk_threshold.dtype)
+            self._data_init_pending["topk_threshold"] = False
+        # Data parallel: the minimum of the ranks' thresholds is the one of the global batch's minimum.
+        self.topk_threshold = min_across_replicas(self.topk_threshold)
 
 
 @dataclass

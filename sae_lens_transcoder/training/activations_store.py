@@ -15,14 +15,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformer_lens.hook_points import HookedRootModule
 
+from sae_lens_transcoder._sae_lens_privates import fresh_token_sequences
 from sae_lens_transcoder.data import resolve_dataset_path
+from sae_lens_transcoder.distributed.checkpoint import stream_state_name, stream_state_to_read
+from sae_lens_transcoder.distributed.data import per_rank_batch_tokens, shard_dataset
+from sae_lens_transcoder.distributed.world import current_world
 from sae_lens_transcoder.saes.transcoder import TrainingTranscoderConfig
 from sae_lens_transcoder.training.shuffle_buffer import ShuffleBuffer, StreamState
 
 logger = logging.getLogger(__name__)
-
-STREAM_STATE_FILENAME = "stream_state.safetensors"
-
 
 class NonFiniteActivationsError(ValueError):
     """The model produced NaN or inf activations at a transcoder's hook."""
@@ -61,6 +62,7 @@ class TranscoderActivationsStore(ActivationsStore):
     ) -> "TranscoderActivationsStore":
         """A store packing the hooks of ``layout`` (name, width), in that order, per token."""
         sae = cfg.sae
+        world = current_world()  # in a process group: this rank's shard and share of the batch
         assert cfg.act_store_device is not None  # set in cfg.__post_init__
         store_kwargs: dict[str, Any] = dict(
             streaming=cfg.streaming,
@@ -68,7 +70,7 @@ class TranscoderActivationsStore(ActivationsStore):
             n_batches_in_buffer=cfg.n_batches_in_buffer,
             total_training_tokens=cfg.training_tokens,
             store_batch_size_prompts=cfg.store_batch_size_prompts,
-            train_batch_size_tokens=cfg.train_batch_size_tokens,
+            train_batch_size_tokens=per_rank_batch_tokens(cfg.train_batch_size_tokens, world),
             prepend_bos=cfg.prepend_bos,
             normalize_activations=sae.normalize_activations,
             device=cfg.act_store_device,
@@ -93,6 +95,9 @@ class TranscoderActivationsStore(ActivationsStore):
             **store_kwargs,
         )
         assert isinstance(store, cls)
+        if world.is_distributed:
+            store.dataset = shard_dataset(store.dataset, world)
+            store.iterable_sequences = fresh_token_sequences(store)
         store.layout = list(layout)
         store.shuffle_seed = cfg.seed
         store._dataset_name = cfg.dataset_path
@@ -163,15 +168,11 @@ class TranscoderActivationsStore(ActivationsStore):
     def save_stream_state(self, state: StreamState, checkpoint_path: str | Path) -> None:
         # The layout travels with the buffered rows: their columns mean nothing without it.
         metadata = {"layout": json.dumps(self.layout)}
-        save_file(state.to_tensors(), Path(checkpoint_path) / STREAM_STATE_FILENAME, metadata=metadata)
+        path = Path(checkpoint_path) / stream_state_name(current_world())
+        save_file(state.to_tensors(), path, metadata=metadata)
 
     def load_stream_state(self, checkpoint_path: str | Path) -> StreamState:
-        path = Path(checkpoint_path) / STREAM_STATE_FILENAME
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} is missing: the checkpoint was not written by this plugin's runner, so "
-                "its data position cannot be restored. Resume from a checkpoint of this run."
-            )
+        path = stream_state_to_read(Path(checkpoint_path), current_world())
         with safe_open(path, framework="pt") as file:
             saved = json.loads((file.metadata() or {}).get("layout", "null"))
         if saved is not None and [tuple(entry) for entry in saved] != self.layout:

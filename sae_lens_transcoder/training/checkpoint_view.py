@@ -17,6 +17,8 @@ from pathlib import Path
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.saes.sae import TrainingSAE
 
+# Written last into a checkpoint: without it, the directory is not a checkpoint to resume.
+CHECKPOINT_COMPLETE_FILENAME = "checkpoint_complete.json"
 TRAINING_WEIGHTS_FILENAME = "training_sae_weights.safetensors"
 TRAINING_CFG_FILENAME = "training_cfg.json"
 

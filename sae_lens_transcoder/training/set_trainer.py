@@ -25,6 +25,7 @@ class TranscoderSetTrainer(MultiSAETrainer):
     """``MultiSAETrainer`` whose per-transcoder trainers are :class:`TranscoderTrainer`."""
 
     trainers: dict[str, TranscoderTrainer]  # type: ignore[assignment]
+    trainer_class: type[TranscoderTrainer] = TranscoderTrainer
 
     def __init__(self, *args: Any, stop_requested: Callable[[], int | None] = lambda: None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -33,7 +34,7 @@ class TranscoderSetTrainer(MultiSAETrainer):
         # ours with the same per-transcoder config it gave them.
         per_sae_cfg = replace(self.cfg, n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False)
         self.trainers = {
-            name: TranscoderTrainer(cfg=per_sae_cfg, sae=sae, data_provider=iter(()))
+            name: self.trainer_class(cfg=per_sae_cfg, sae=sae, data_provider=iter(()))
             for name, sae in self.saes.items()
         }
 
@@ -73,11 +74,10 @@ class TranscoderSetTrainer(MultiSAETrainer):
         target = base / checkpoint_name
         if target.exists():
             return  # written at this very state already (a periodic checkpoint, then a stop)
-        partial = Path(tempfile.mkdtemp(prefix=f".{checkpoint_name}.", suffix=".partial", dir=base))
+        partial = new_partial_checkpoint(base, checkpoint_name)
         try:
             super().save_checkpoint(partial.name, wandb_aliases)
-            os.chmod(partial, 0o755)
-            os.rename(partial, target)
+            publish_checkpoint(partial, target)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
 
@@ -92,3 +92,14 @@ class TranscoderSetTrainer(MultiSAETrainer):
             worst = max(losses, key=losses.__getitem__)
             text = f"mean loss {sum(losses.values()) / len(losses):.4f}, highest {worst}: {losses[worst]:.4f}"
         pbar.set_description(f"step {self.n_training_steps} | {text}", refresh=False)
+
+
+def new_partial_checkpoint(base: Path, checkpoint_name: str) -> Path:
+    """A fresh hidden directory beside the checkpoint, which appears only once complete."""
+    return Path(tempfile.mkdtemp(prefix=f".{checkpoint_name}.", suffix=".partial", dir=base))
+
+
+def publish_checkpoint(partial: Path, target: Path) -> None:
+    """Rename a fully written checkpoint into place (readable like any directory)."""
+    os.chmod(partial, 0o755)
+    os.rename(partial, target)

@@ -30,7 +30,7 @@ class TranscoderTrainer(SAETrainer):  # type: ignore[type-arg]
 
     def step(self, batch: torch.Tensor) -> TrainStepOutput:
         output = super().step(batch)
-        if not torch.isfinite(output.loss):
+        if not torch.isfinite(self.reduced_loss(output.loss)):
             losses = ", ".join(f"{k}={v.item():.4g}" for k, v in output.losses.items())
             raise NonFiniteLossError(
                 f"training step {self.n_training_steps}: the loss is {output.loss.item()} ({losses}). "
@@ -38,6 +38,11 @@ class TranscoderTrainer(SAETrainer):  # type: ignore[type-arg]
                 "saved from this step and the last complete checkpoint is kept."
             )
         return output
+
+    def reduced_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The step's loss over every process training this transcoder (here, this one), so
+        that they all stop at the same step."""
+        return loss
 
     def load_trainer_state(self, checkpoint_path: Path | str) -> None:
         super().load_trainer_state(checkpoint_path)

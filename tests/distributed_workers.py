@@ -1,0 +1,124 @@
+"""What each rank runs in tests/test_distributed.py: a real runner in a real gloo group.
+
+Kept apart from the test module so spawned ranks import only this (and conftest's builders).
+"""
+
+import datetime
+import os
+import signal
+import socket
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from datasets import Dataset
+from sae_lens import LanguageModelSAERunnerConfig
+from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
+from sae_lens.util import temporary_seed
+
+from sae_lens_transcoder import TrainingTranscoder, TranscoderTrainingRunner
+from tests.conftest import build_model, runner_config
+
+BATCH = 256  # the global batch
+N_STEPS = 40
+UMASK_OF_OTHER_RANKS = 0o077  # files rank >= 1 creates are private to its user: how tests tell them apart
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dataset() -> Dataset:
+    ids = torch.randint(1, 300, (600, 32), generator=torch.Generator().manual_seed(1))
+    return Dataset.from_dict({"input_ids": ids.tolist()})
+
+
+def job_config(root: Path, name: str, **overrides: Any) -> LanguageModelSAERunnerConfig[Any]:
+    """The run every test trains: checkpoints, dead-feature windows and warm-ups straddling
+    them, the activation scale estimated, biases initialised from the data."""
+    settings: dict[str, Any] = dict(
+        training_tokens=BATCH * N_STEPS,
+        train_batch_size_tokens=BATCH,
+        n_checkpoints=3,
+        checkpoint_path=str(root / name / "ckpt"),
+        output_path=str(root / name / "out"),
+        feature_sampling_window=7,
+        dead_feature_window=5,
+        lr_warm_up_steps=4,
+        lr_scheduler_name="cosineannealing",
+        activations_mixing_fraction=0.0,  # the data order of one process is then defined
+    )
+    settings["sae"] = {"l1_warm_up_steps": 10, "normalize_activations": "expected_average_only_in", **overrides.pop("sae", {})}
+    settings.update(overrides)
+    return runner_config(**settings)
+
+
+class KillAt(TrainingTranscoder):
+    """Dies (SIGKILL, no clean-up) in the middle of a training step, like a lost machine."""
+
+    at_step = 25
+
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        if step_input.n_training_steps == self.at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().training_forward_pass(step_input)
+
+
+def run_rank(rank: int, world_size: int, port: int, job: dict[str, Any], results: str) -> None:
+    """Train ``job`` as ``rank``; write the transcoder's state (or the error) under ``results``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    out = Path(results)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    if rank > 0:
+        os.umask(UMASK_OF_OTHER_RANKS)
+    try:
+        cfg = job_config(Path(job["root"]), job["name"], **job.get("overrides", {}))
+        sae = None
+        if rank == job.get("kill_rank"):
+            with temporary_seed(cfg.seed + 1):  # the runner's initial weights for MLP 1
+                sae = KillAt(cfg.sae)
+        runner = TranscoderTrainingRunner(cfg, override_model=build_model("gpt2"), override_dataset=dataset(), override_sae=sae)
+        runner.run()
+        assert runner.trainer is not None
+        trainer = runner.trainer.trainers["layer_1"]
+        torch.save(
+            {
+                "weights": runner.sae.state_dict(),
+                "since_fired": trainer.n_forward_passes_since_fired,
+                "act_freq": trainer.act_freq_scores,
+                "steps": runner.trainer.n_training_steps,
+                "checkpoint_path": cfg.checkpoint_path,
+            },
+            out / f"rank{rank}.pt",
+        )
+    except BaseException as error:
+        (out / f"rank{rank}.error").write_text(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn_ranks(job: dict[str, Any], results: Path, world_size: int = 2, join_timeout_s: float = 240) -> list[int | None]:
+    """Start the ranks as separate processes and wait for each; their exit codes."""
+    results.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    # A fork server that imported everything once forks each rank: no per-rank start-up.
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    processes = [context.Process(target=run_rank, args=(r, world_size, port, job, str(results))) for r in range(world_size)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(join_timeout_s)
+    codes = [process.exitcode for process in processes]
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+    return codes
