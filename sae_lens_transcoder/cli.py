@@ -74,7 +74,7 @@ def train(argv: Sequence[str]) -> dict[str, Any]:
         runner_config_from_args(["--architecture", "transcoder", "--help"])
     with exit_on_bad_input("train"):
         check_number("--eval-tokens", ours.eval_tokens, integer=True, minimum=0, hint=" (0 skips the evaluation)")
-        check_number("--dist-timeout", ours.dist_timeout, minimum=1)
+        check_number("--dist-timeout", ours.dist_timeout, integer=False, minimum=1)
         cfg = runner_config_from_args(sae_lens_args, config_file=ours.config)
     # Under torchrun, every rank runs this; the group lasts until training and saving end.
     with process_group_from_env(cfg.device, ours.dist_timeout) as world:

@@ -7,6 +7,7 @@ import datetime
 import os
 import signal
 import socket
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from tests.conftest import build_model, runner_config
 
 BATCH = 256  # the global batch
 N_STEPS = 40
-UMASK_OF_OTHER_RANKS = 0o077  # files rank >= 1 creates are private to its user: how tests tell them apart
+WRITE_EVENTS = ("os.rename", "os.replace", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree", "os.chmod")
 
 
 def free_port() -> int:
@@ -69,14 +70,35 @@ class KillAt(TrainingTranscoder):
         return super().training_forward_pass(step_input)
 
 
+def record_writes(under: Path) -> list[str]:
+    """Every file or directory change this process makes under ``under`` from Python (opening
+    for writing, renaming, creating, removing), as ``"event path"`` lines. Files that Rust
+    code writes (safetensors) are not seen; the runner names those per rank."""
+    seen: list[str] = []
+    root = str(under)
+
+    def hook(event: str, args: tuple[Any, ...]) -> None:
+        if event == "open":
+            path, mode, flags = args
+            writes = any(c in (mode or "") for c in "wax+") or bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        elif event in WRITE_EVENTS:
+            path, writes = args[0], True
+        else:
+            return
+        if writes and isinstance(path, str | os.PathLike) and os.fspath(path).startswith(root):
+            seen.append(f"{event} {os.fspath(path)}")
+
+    sys.addaudithook(hook)
+    return seen
+
+
 def run_rank(rank: int, world_size: int, port: int, job: dict[str, Any], results: str) -> None:
     """Train ``job`` as ``rank``; write the transcoder's state (or the error) under ``results``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     out = Path(results)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
-    if rank > 0:
-        os.umask(UMASK_OF_OTHER_RANKS)
+    writes = record_writes(Path(job["root"]) / job["name"]) if rank > 0 else []
     try:
         cfg = job_config(Path(job["root"]), job["name"], **job.get("overrides", {}))
         sae = None
@@ -94,6 +116,7 @@ def run_rank(rank: int, world_size: int, port: int, job: dict[str, Any], results
                 "act_freq": trainer.act_freq_scores,
                 "steps": runner.trainer.n_training_steps,
                 "checkpoint_path": cfg.checkpoint_path,
+                "writes": list(writes),
             },
             out / f"rank{rank}.pt",
         )

@@ -1,0 +1,158 @@
+"""Data-parallel training on 2 CPU ranks (gloo), spawned here: the same training as one
+process on the global batch, exact resume after a rank is killed, one writer, torchrun."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from datasets import Dataset
+from sae_lens import SAE
+
+from sae_lens_transcoder import TranscoderTrainingRunner
+from sae_lens_transcoder.distributed.data import per_rank_batch_tokens
+from sae_lens_transcoder.distributed.launch import resume_latest
+from sae_lens_transcoder.distributed.world import World
+from sae_lens_transcoder.training.checkpoint_view import CHECKPOINT_COMPLETE_FILENAME
+from tests.conftest import build_model
+from tests.distributed_workers import dataset, job_config, spawn_ranks
+
+REPO = Path(__file__).resolve().parents[1]
+STORE_BATCH_PROMPTS = 4  # 4 x 32 tokens: one LLM batch is one rank's share of the 256-token global batch
+
+
+def _checkpoints(root: Path, name: str) -> list[Path]:
+    found = [c for c in (root / name / "ckpt").glob("*/*") if not c.name.startswith(".")]
+    return sorted(found, key=lambda c: int(c.name))
+
+
+def _rank_order(ds: Dataset, world: int = 2) -> Dataset:
+    """The rows in the order one process must read them to see the ranks' batches side by side:
+    rank r reads the r-th contiguous shard, one LLM batch per training step."""
+    ids = torch.tensor(ds["input_ids"])
+    n = len(ids) // world
+    shards = [ids[r * n : (r + 1) * n] for r in range(world)]
+    blocks = [shard[i : i + STORE_BATCH_PROMPTS] for i in range(0, n, STORE_BATCH_PROMPTS) for shard in shards]
+    return Dataset.from_dict({"input_ids": torch.cat(blocks).tolist()})
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("distributed")
+
+
+@pytest.fixture(scope="module")
+def full_run(root: Path) -> dict[int, dict[str, Any]]:
+    """The uninterrupted 2-rank run, as each rank ended it."""
+    codes = spawn_ranks({"root": str(root), "name": "full"}, root / "full-results")
+    errors = [p.read_text() for p in (root / "full-results").glob("*.error")]
+    assert codes == [0, 0], errors
+    return {rank: torch.load(root / "full-results" / f"rank{rank}.pt") for rank in (0, 1)}
+
+
+def test_two_ranks_train_as_one_process_does_on_the_global_batch(root: Path, full_run: dict[int, dict[str, Any]]) -> None:
+    single = TranscoderTrainingRunner(
+        job_config(root, "single", store_batch_size_prompts=2 * STORE_BATCH_PROMPTS),
+        override_model=build_model("gpt2"),
+        override_dataset=_rank_order(dataset()),
+    )
+    single.run()
+    assert single.trainer is not None
+    trainer = single.trainer.trainers["layer_1"]
+    ranks = full_run[0], full_run[1]
+    for name, value in single.sae.state_dict().items():
+        torch.testing.assert_close(ranks[0]["weights"][name], value, rtol=0, atol=1e-5)
+        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), f"the ranks' {name} differ"
+    for rank in ranks:
+        assert rank["steps"] == single.trainer.n_training_steps == 40
+        # Dead-feature statistics are the global batch's, on every rank.
+        assert torch.equal(rank["since_fired"], trainer.n_forward_passes_since_fired)
+        assert torch.equal(rank["act_freq"], trainer.act_freq_scores)
+    assert ranks[0]["checkpoint_path"] == ranks[1]["checkpoint_path"]
+
+
+def test_only_rank_0_writes_except_each_ranks_data_position(root: Path, full_run: dict[int, dict[str, Any]]) -> None:
+    # Rank 1 created, opened for writing, renamed or removed nothing in the run's directories
+    # (its own data position is written by safetensors, which the audit hook does not see).
+    assert full_run[1]["writes"] == []
+    checkpoints = _checkpoints(root, "full")
+    assert len(checkpoints) == 3
+    for checkpoint in checkpoints:
+        assert (checkpoint / CHECKPOINT_COMPLETE_FILENAME).is_file()
+        ranks = sorted(p.name for p in checkpoint.glob("stream_state*"))
+        assert ranks == ["stream_state.rank0-of-2.safetensors", "stream_state.rank1-of-2.safetensors"]
+    assert not list((root / "full" / "ckpt").glob("*/.*"))  # no partial checkpoint left behind
+    assert isinstance(SAE.load_from_disk(root / "full" / "out"), SAE)
+
+
+def test_a_killed_rank_fails_the_other_and_resume_is_bit_identical(root: Path, full_run: dict[int, dict[str, Any]]) -> None:
+    results = root / "killed-results"
+    codes = spawn_ranks({"root": str(root), "name": "killed", "kill_rank": 1}, results, join_timeout_s=180)
+    assert codes[1] == -9  # SIGKILLed in step 25
+    assert codes[0] == 1, "rank 0 did not fail within the bound (it hung or went on alone)"
+    error = (results / "rank0.error").read_text()
+    checkpoints = _checkpoints(root, "killed")
+    # Checkpoints after steps 11 and 21 were complete before the kill; nothing after.
+    assert [int(c.name) for c in checkpoints] == [11 * 256, 21 * 256]
+    assert all((c / CHECKPOINT_COMPLETE_FILENAME).is_file() for c in checkpoints)
+    assert error.startswith("PeerFailure: rank 0: averaging gradients with the other ranks failed"), error
+    assert f"--resume_from_checkpoint {checkpoints[-1]}" in error
+    assert not (root / "killed" / "out").exists()
+
+    # Restarted as torchrun --max-restarts would: same checkpoint_path, so a new run id under it.
+    restart = {"resume_from_checkpoint": str(checkpoints[-1]), "checkpoint_path": str(root / "killed" / "ckpt")}
+    resumed = spawn_ranks({"root": str(root), "name": "resumed", "overrides": restart}, root / "resumed-results")
+    assert resumed == [0, 0], [p.read_text() for p in (root / "resumed-results").glob("*.error")]
+    for rank in (0, 1):
+        state = torch.load(root / "resumed-results" / f"rank{rank}.pt")
+        for name, value in full_run[rank]["weights"].items():
+            assert torch.equal(state["weights"][name], value), f"rank {rank}: {name} differs after resuming"
+        assert torch.equal(state["since_fired"], full_run[rank]["since_fired"])
+        assert torch.equal(state["act_freq"], full_run[rank]["act_freq"])
+    # The resumed run wrote only the checkpoint still ahead of it, as the full run named it,
+    # and that is where a further restart with --resume-latest goes on from.
+    (ahead,) = [c for c in _checkpoints(root, "killed") if c.parent != checkpoints[-1].parent]
+    assert ahead.name == _checkpoints(root, "full")[-1].name
+    cfg = job_config(root, "killed")
+    resume_latest(cfg, World())
+    assert cfg.resume_from_checkpoint == str(ahead)
+
+
+def test_a_two_rank_checkpoint_refuses_to_resume_on_one(root: Path, full_run: dict[int, dict[str, Any]]) -> None:
+    del full_run
+    checkpoint = _checkpoints(root, "full")[0]
+    runner = TranscoderTrainingRunner(
+        job_config(root, "one", resume_from_checkpoint=str(checkpoint)), override_model=build_model("gpt2"), override_dataset=dataset()
+    )
+    with pytest.raises(ValueError, match="written by a run of 2 rank.*this run has 1.*resume with exactly 2"):
+        runner.run()
+
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused() -> None:
+    with pytest.raises(ValueError, match="train_batch_size_tokens=250 is the global batch.*multiple of 3 .e.g. 252"):
+        per_rank_batch_tokens(250, World(rank=0, size=3))
+
+
+def test_torchrun_trains_with_two_ranks_from_the_cli(tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "sae_lens_transcoder", "train",
+         "--architecture", "transcoder", "--model_name", "tiny-gpt2", "--dataset_path", "embedded",
+         "--is_dataset_tokenized", "False", "--streaming", "False", "--mlp_layer", "1", "--d_in", "128",
+         "--d_sae", "256", "--context_size", "64", "--train_batch_size_tokens", "256", "--n_batches_in_buffer", "8",
+         "--store_batch_size_prompts", "4", "--training_tokens", "4096", "--n_checkpoints", "1",
+         "--output_path", str(tmp_path / "out"), "--checkpoint_path", str(tmp_path / "ck"), "--log_to_wandb", "False",
+         "--eval-tokens", "0", "--dist-timeout", "60"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("trained 4,096 tokens") == 1, result.stdout  # rank 0 reports, once
+    assert isinstance(SAE.load_from_disk(tmp_path / "out"), SAE)
+    (checkpoint,) = (tmp_path / "ck").glob("*/*")
+    assert sorted(p.name for p in checkpoint.glob("stream_state*")) == [
+        "stream_state.rank0-of-2.safetensors", "stream_state.rank1-of-2.safetensors"
+    ]
