@@ -20,7 +20,8 @@ from sae_lens_transcoder.circuits.command import attribute
 from sae_lens_transcoder.config_io import runner_config_from_args
 from sae_lens_transcoder.distributed import PeerFailure, process_group_from_env
 from sae_lens_transcoder.distributed.launch import resume_latest
-from sae_lens_transcoder.distributed.world import DEFAULT_TIMEOUT_S
+from sae_lens_transcoder.distributed.data import rank_share
+from sae_lens_transcoder.distributed.world import DEFAULT_TIMEOUT_S, World
 from sae_lens_transcoder.evals import evaluate_spliced
 from sae_lens_transcoder.export.circuit_tracer import export_circuit_tracer
 from sae_lens_transcoder.features.command import features
@@ -127,6 +128,9 @@ def _report_training(runner: TranscoderTrainingRunner, sae: Any, cfg: Any, ours:
     return summary
 
 
+EVAL_BATCH_SIZE = 8  # sequences per forward pass of `evaluate`, and the unit ranks share
+
+
 def evaluate(argv: Sequence[str]) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         prog="sae-lens-transcoder evaluate",
@@ -143,6 +147,12 @@ def evaluate(argv: Sequence[str]) -> dict[str, Any]:
     parser.add_argument("--json", help="write all metrics here")
     parser.add_argument("--plots", help="directory for feature-density histograms")
     args = parser.parse_args(argv)
+    # Under torchrun, each rank scores its share of the sequences and the sums are added up.
+    with process_group_from_env(args.device) as world:
+        return _evaluate(args, world)
+
+
+def _evaluate(args: argparse.Namespace, world: World) -> dict[str, Any]:
     with exit_on_bad_input("evaluate"):
         check_number("--n-tokens", args.n_tokens, integer=True, minimum=1)
         check_number("--context-size", args.context_size, integer=True, minimum=1, optional=True)
@@ -159,19 +169,23 @@ def evaluate(argv: Sequence[str]) -> dict[str, Any]:
             raise ValueError(f"context size {context} is longer than {model_name!r}'s n_ctx={model.cfg.n_ctx}: pass --context-size {model.cfg.n_ctx}")
         prepend_bos = meta.prepend_bos if meta.prepend_bos is not None else True
         tokens = heldout_tokens(model, load_heldout_split(dataset_path, args.split), context, args.n_tokens, prepend_bos)
+        tokens = rank_share(tokens, world, EVAL_BATCH_SIZE)
     exclude = None if args.keep_special_tokens else get_special_token_ids(model.tokenizer)  # type: ignore[arg-type]
     rows: list[dict[str, Any]] = []
+    settings = dict(exclude_special_tokens=exclude, batch_size=EVAL_BATCH_SIZE, sum_over_ranks=world.is_distributed)
     for path, tc in zip(names, transcoders):
-        rows.append({"name": path, **evaluate_spliced(model, [tc], tokens, exclude_special_tokens=exclude)})
+        rows.append({"name": path, **evaluate_spliced(model, [tc], tokens, **settings)})  # type: ignore[arg-type]
     if len(transcoders) > 1:
-        rows.append({"name": "all replaced", **evaluate_spliced(model, transcoders, tokens, exclude_special_tokens=exclude)})
+        rows.append({"name": "all replaced", **evaluate_spliced(model, transcoders, tokens, **settings)})  # type: ignore[arg-type]
+    result = {"model": model_name, "dataset": dataset_path, "rows": rows}
+    if not world.is_writer:
+        return result
     print(format_table(rows))
     if args.plots:
         out = Path(args.plots)
         out.mkdir(parents=True, exist_ok=True)
         for i, row in enumerate(rows[: len(transcoders)]):
             plot_feature_density(row["feature_density"], out / f"feature_density_{i}.png", title=row["name"])
-    result = {"model": model_name, "dataset": dataset_path, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(_jsonable(result), indent=2))
     return result

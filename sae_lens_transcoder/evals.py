@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from sae_lens.saes.sae import SAE
 from transformer_lens import HookedTransformer
 
+from sae_lens_transcoder.distributed.collectives import all_reduce_
 from sae_lens_transcoder.replacement import PerLayerTranscoders, as_replacement_set
 from sae_lens_transcoder.splicing import Splice, ablated, spliced
 from sae_lens_transcoder.validation import check_splices_fit_model
@@ -46,6 +47,16 @@ class _ReconstructionSums:
         self.firing = fired.sum(0) if self.firing is None else self.firing + fired.sum(0)
         self.cossim += F.cosine_similarity(y_hat, y, dim=-1).sum().item()
         self.l2_ratio += (y_hat.norm(dim=-1) / y.norm(dim=-1).clamp(min=1e-12)).sum().item()
+
+    def sum_over_ranks(self) -> None:
+        """Every rank's sums added up (each rank evaluated its own tokens)."""
+        assert self.y_sum is not None and self.firing is not None, "no tokens evaluated on this rank"
+        scalars = torch.tensor([self.n_tokens, self.sq_error, self.y_sq, self.l0, self.cossim, self.l2_ratio], dtype=torch.float64)
+        all_reduce_(scalars, what="summing evaluation statistics")
+        all_reduce_(self.y_sum, what="summing evaluation statistics")
+        all_reduce_(self.firing, what="summing evaluation statistics")
+        n_tokens, self.sq_error, self.y_sq, self.l0, self.cossim, self.l2_ratio = scalars.tolist()
+        self.n_tokens = int(n_tokens)
 
     def metrics(self) -> dict[str, object]:
         n = max(self.n_tokens, 1)
@@ -104,6 +115,7 @@ def evaluate_spliced(
     tokens: torch.Tensor | Iterable[torch.Tensor],
     exclude_special_tokens: Sequence[int] | torch.Tensor | None = None,
     batch_size: int = 8,
+    sum_over_ranks: bool = False,
 ) -> dict[str, object]:
     """Reconstruction and downstream metrics with all ``transcoders`` replacing their MLPs.
 
@@ -112,6 +124,8 @@ def evaluate_spliced(
     every metric. Reconstruction metrics are measured on the clean model's activations;
     with several transcoders they are means over transcoders and per-transcoder values are
     in ``per_transcoder``. ``ce_loss_recovered`` = 1 − (spliced − clean)/(zero − clean).
+    ``sum_over_ranks``: every rank of the default process group passes its own share of the
+    tokens, and all get the metrics of all the tokens (every rank must call it).
     """
     replacement = as_replacement_set(transcoders)
     layers = replacement.layers
@@ -146,6 +160,12 @@ def evaluate_spliced(
         totals["zero"] += _token_ce(zero_logits, batch)[pos].sum().item()
         totals["mean"] += _token_ce(mean_logits, batch)[pos].sum().item()
         totals["kl"] += _kl(clean_logits, spliced_logits)[pos].sum().item()
+    if sum_over_ranks:
+        for acc in sums:
+            acc.sum_over_ranks()
+        summed = all_reduce_(torch.tensor([n_positions, *totals.values()], dtype=torch.float64), what="summing losses")
+        n_positions = int(summed[0].item())
+        totals = dict(zip(totals, summed[1:].tolist()))
     if n_positions == 0:
         raise ValueError("evaluate_spliced got no tokens to score (all excluded or empty input).")
     ce = {k: v / n_positions for k, v in totals.items()}

@@ -54,7 +54,10 @@ def job_config(root: Path, name: str, **overrides: Any) -> LanguageModelSAERunne
         lr_scheduler_name="cosineannealing",
         activations_mixing_fraction=0.0,  # the data order of one process is then defined
     )
-    settings["sae"] = {"l1_warm_up_steps": 10, "normalize_activations": "expected_average_only_in", **overrides.pop("sae", {})}
+    sae = {"normalize_activations": "expected_average_only_in", **overrides.pop("sae", {})}
+    if sae.get("architecture", "transcoder") == "transcoder":
+        sae["l1_warm_up_steps"] = 10
+    settings["sae"] = sae
     settings.update(overrides)
     return runner_config(**settings)
 
@@ -108,12 +111,12 @@ def run_rank(rank: int, world_size: int, port: int, job: dict[str, Any], results
         runner = TranscoderTrainingRunner(cfg, override_model=build_model("gpt2"), override_dataset=dataset(), override_sae=sae)
         runner.run()
         assert runner.trainer is not None
-        trainer = runner.trainer.trainers["layer_1"]
+        trainers = runner.trainer.trainers
         torch.save(
             {
-                "weights": runner.sae.state_dict(),
-                "since_fired": trainer.n_forward_passes_since_fired,
-                "act_freq": trainer.act_freq_scores,
+                "weights": {name: trainer.sae.state_dict() for name, trainer in trainers.items()},
+                "since_fired": {name: trainer.n_forward_passes_since_fired for name, trainer in trainers.items()},
+                "act_freq": {name: trainer.act_freq_scores for name, trainer in trainers.items()},
                 "steps": runner.trainer.n_training_steps,
                 "checkpoint_path": cfg.checkpoint_path,
                 "writes": list(writes),

@@ -1,9 +1,12 @@
 """Data-parallel training on 2 CPU ranks (gloo), spawned here: the same training as one
 process on the global batch, exact resume after a rank is killed, one writer, torchrun."""
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ from datasets import Dataset
 from sae_lens import SAE
 
 from sae_lens_transcoder import TranscoderTrainingRunner
+from sae_lens_transcoder.cli import main
 from sae_lens_transcoder.distributed.data import per_rank_batch_tokens
 from sae_lens_transcoder.distributed.launch import resume_latest
 from sae_lens_transcoder.distributed.world import World
@@ -53,25 +57,54 @@ def full_run(root: Path) -> dict[int, dict[str, Any]]:
     return {rank: torch.load(root / "full-results" / f"rank{rank}.pt") for rank in (0, 1)}
 
 
-def test_two_ranks_train_as_one_process_does_on_the_global_batch(root: Path, full_run: dict[int, dict[str, Any]]) -> None:
+def _train_single(root: Path, name: str, **overrides: Any) -> TranscoderTrainingRunner:
+    """One process on the global batch, reading the ranks' data side by side."""
     single = TranscoderTrainingRunner(
-        job_config(root, "single", store_batch_size_prompts=2 * STORE_BATCH_PROMPTS),
+        job_config(root, name, store_batch_size_prompts=2 * STORE_BATCH_PROMPTS, **overrides),
         override_model=build_model("gpt2"),
         override_dataset=_rank_order(dataset()),
     )
     single.run()
+    return single
+
+
+def _assert_ranks_match_one_process(ranks: tuple[dict[str, Any], ...], single: TranscoderTrainingRunner) -> None:
     assert single.trainer is not None
-    trainer = single.trainer.trainers["layer_1"]
-    ranks = full_run[0], full_run[1]
-    for name, value in single.sae.state_dict().items():
-        torch.testing.assert_close(ranks[0]["weights"][name], value, rtol=0, atol=1e-5)
-        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), f"the ranks' {name} differ"
-    for rank in ranks:
-        assert rank["steps"] == single.trainer.n_training_steps == 40
-        # Dead-feature statistics are the global batch's, on every rank.
-        assert torch.equal(rank["since_fired"], trainer.n_forward_passes_since_fired)
-        assert torch.equal(rank["act_freq"], trainer.act_freq_scores)
-    assert ranks[0]["checkpoint_path"] == ranks[1]["checkpoint_path"]
+    for name, trainer in single.trainer.trainers.items():
+        for key, value in trainer.sae.state_dict().items():
+            torch.testing.assert_close(ranks[0]["weights"][name][key], value, rtol=0, atol=1e-5)
+            assert torch.equal(ranks[0]["weights"][name][key], ranks[1]["weights"][name][key]), f"the ranks' {name}.{key} differ"
+        for rank in ranks:
+            assert rank["steps"] == single.trainer.n_training_steps == 40
+            # Dead-feature statistics are the global batch's, on every rank.
+            assert torch.equal(rank["since_fired"][name], trainer.n_forward_passes_since_fired)
+            assert torch.equal(rank["act_freq"][name], trainer.act_freq_scores)
+
+
+def test_two_ranks_train_as_one_process_does_on_the_global_batch(root: Path, full_run: dict[int, dict[str, Any]]) -> None:
+    _assert_ranks_match_one_process((full_run[0], full_run[1]), _train_single(root, "single"))
+    assert full_run[0]["checkpoint_path"] == full_run[1]["checkpoint_path"]
+
+
+def test_a_two_rank_set_trains_as_one_process_does(root: Path) -> None:
+    layers = {"sae": {"mlp_layer": None, "mlp_layers": "0-1"}, "n_checkpoints": 0}
+    codes = spawn_ranks({"root": str(root), "name": "set", "overrides": layers}, root / "set-results")
+    assert codes == [0, 0], [p.read_text() for p in (root / "set-results").glob("*.error")]
+    ranks = tuple(torch.load(root / "set-results" / f"rank{rank}.pt") for rank in (0, 1))
+    assert sorted(ranks[0]["weights"]) == ["layer_0", "layer_1"]
+    _assert_ranks_match_one_process(ranks, _train_single(root, "single-set", **layers))
+
+
+def test_batchtopk_replicas_stay_identical(root: Path) -> None:
+    # BatchTopK picks the top k x batch of each rank's own batch (not the global one), so only
+    # agreement is checked: its running threshold, a buffer no gradient reaches, included.
+    overrides = {"sae": {"architecture": "batchtopk_transcoder", "k": 8}, "n_checkpoints": 0}
+    codes = spawn_ranks({"root": str(root), "name": "batchtopk", "overrides": overrides}, root / "batchtopk-results")
+    assert codes == [0, 0], [p.read_text() for p in (root / "batchtopk-results").glob("*.error")]
+    ranks = [torch.load(root / "batchtopk-results" / f"rank{rank}.pt")["weights"]["layer_1"] for rank in (0, 1)]
+    assert "topk_threshold" in ranks[0] and ranks[0]["topk_threshold"] > 0
+    for key, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][key]), f"the ranks' {key} differ"
 
 
 def test_only_rank_0_writes_except_each_ranks_data_position(root: Path, full_run: dict[int, dict[str, Any]]) -> None:
@@ -108,10 +141,10 @@ def test_a_killed_rank_fails_the_other_and_resume_is_bit_identical(root: Path, f
     assert resumed == [0, 0], [p.read_text() for p in (root / "resumed-results").glob("*.error")]
     for rank in (0, 1):
         state = torch.load(root / "resumed-results" / f"rank{rank}.pt")
-        for name, value in full_run[rank]["weights"].items():
-            assert torch.equal(state["weights"][name], value), f"rank {rank}: {name} differs after resuming"
-        assert torch.equal(state["since_fired"], full_run[rank]["since_fired"])
-        assert torch.equal(state["act_freq"], full_run[rank]["act_freq"])
+        for key, value in full_run[rank]["weights"]["layer_1"].items():
+            assert torch.equal(state["weights"]["layer_1"][key], value), f"rank {rank}: {key} differs after resuming"
+        assert torch.equal(state["since_fired"]["layer_1"], full_run[rank]["since_fired"]["layer_1"])
+        assert torch.equal(state["act_freq"]["layer_1"], full_run[rank]["act_freq"]["layer_1"])
     # The resumed run wrote only the checkpoint still ahead of it, as the full run named it,
     # and that is where a further restart with --resume-latest goes on from.
     (ahead,) = [c for c in _checkpoints(root, "killed") if c.parent != checkpoints[-1].parent]
@@ -136,19 +169,24 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused() -> None:
         per_rank_batch_tokens(250, World(rank=0, size=3))
 
 
-def test_torchrun_trains_with_two_ranks_from_the_cli(tmp_path: Path) -> None:
+def _torchrun_train(tmp_path: Path, *extra: str) -> list[str]:
     torchrun = Path(sys.executable).parent / "torchrun"
-    result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "sae_lens_transcoder", "train",
-         "--architecture", "transcoder", "--model_name", "tiny-gpt2", "--dataset_path", "embedded",
-         "--is_dataset_tokenized", "False", "--streaming", "False", "--mlp_layer", "1", "--d_in", "128",
-         "--d_sae", "256", "--context_size", "64", "--train_batch_size_tokens", "256", "--n_batches_in_buffer", "8",
-         "--store_batch_size_prompts", "4", "--training_tokens", "4096", "--n_checkpoints", "1",
-         "--output_path", str(tmp_path / "out"), "--checkpoint_path", str(tmp_path / "ck"), "--log_to_wandb", "False",
-         "--eval-tokens", "0", "--dist-timeout", "60"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
-    )
+    return [
+        str(torchrun), "--standalone", "--nproc_per_node", "2", *extra, "-m", "sae_lens_transcoder", "train",
+        "--architecture", "transcoder", "--model_name", "tiny-gpt2", "--dataset_path", "embedded",
+        "--is_dataset_tokenized", "False", "--streaming", "False", "--mlp_layer", "1", "--d_in", "128",
+        "--d_sae", "256", "--context_size", "64", "--train_batch_size_tokens", "256", "--n_batches_in_buffer", "8",
+        "--store_batch_size_prompts", "2", "--output_path", str(tmp_path / "out"), "--checkpoint_path",
+        str(tmp_path / "ck"), "--log_to_wandb", "False", "--eval-tokens", "0", "--dist-timeout", "60",
+    ]
+
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def test_torchrun_trains_and_evaluates_with_two_ranks_from_the_cli(tmp_path: Path) -> None:
+    command = _torchrun_train(tmp_path) + ["--training_tokens", "4096", "--n_checkpoints", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("trained 4,096 tokens") == 1, result.stdout  # rank 0 reports, once
     assert isinstance(SAE.load_from_disk(tmp_path / "out"), SAE)
@@ -156,3 +194,55 @@ def test_torchrun_trains_with_two_ranks_from_the_cli(tmp_path: Path) -> None:
     assert sorted(p.name for p in checkpoint.glob("stream_state*")) == [
         "stream_state.rank0-of-2.safetensors", "stream_state.rank1-of-2.safetensors"
     ]
+
+    # Each rank scores half the sequences; the summed statistics are those of all of them.
+    evaluate = ["evaluate", str(tmp_path / "out"), "--n-tokens", "2048", "--context-size", "64", "--device", "cpu"]
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "sae_lens_transcoder"]
+    result = subprocess.run(
+        torchrun + evaluate + ["--json", str(tmp_path / "two.json")], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ENV
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("ce_loss_spliced") <= 1 and result.stdout.count(str(tmp_path / "out")) == 1, result.stdout
+    main(evaluate + ["--json", str(tmp_path / "one.json")])
+    (two,), (one,) = (json.loads((tmp_path / f"{n}.json").read_text())["rows"] for n in ("two", "one"))
+    assert two["n_tokens"] == one["n_tokens"] > 0
+    for key, value in one.items():
+        if isinstance(value, float):
+            assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert two["feature_density"] == pytest.approx(one["feature_density"], abs=1e-9)
+
+
+def _worker_of_rank(launcher: int, rank: int) -> int:
+    """The pid of torchrun's worker process for ``rank`` (Linux /proc)."""
+    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    for pid in map(int, children):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"torchrun {launcher} has no worker of rank {rank} among {children}")
+
+
+def test_torchrun_max_restarts_resumes_from_the_last_complete_checkpoint(tmp_path: Path) -> None:
+    command = _torchrun_train(tmp_path, "--max-restarts", "1") + [
+        "--training_tokens", "16384", "--n_checkpoints", "3", "--resume-latest"
+    ]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=ENV)
+    try:
+        while not list((tmp_path / "ck").glob(f"*/*/{CHECKPOINT_COMPLETE_FILENAME}")):
+            assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+            time.sleep(0.1)
+        os.kill(_worker_of_rank(launcher.pid, 1), signal.SIGKILL)  # a lost machine, mid-run
+        stdout, stderr = launcher.communicate(timeout=300)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 0, stderr[-3000:]
+    assert "sae-lens-transcoder train: rank 0: " in stderr, stderr[-3000:]  # rank 0 said why it stopped
+    assert stdout.count("trained 16,384 tokens") == 1, stdout
+    # The restart went on from the killed run's last complete checkpoint, in a run directory of its own.
+    runs = sorted((tmp_path / "ck").iterdir(), key=lambda p: min(c.stat().st_mtime for c in p.iterdir()))
+    assert len(runs) == 2
+    done, later = ([c for c in run.iterdir() if not c.name.startswith(".")] for run in runs)
+    latest = max(done, key=lambda c: int(c.name))
+    assert later and min(int(c.name) for c in later) > int(latest.name)
+    assert json.loads((later[0] / "runner_cfg.json").read_text())["resume_from_checkpoint"] == str(latest)
+    assert isinstance(SAE.load_from_disk(tmp_path / "out"), SAE)

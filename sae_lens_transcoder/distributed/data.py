@@ -7,6 +7,8 @@ batch (``store_batch_size_prompts``) and the shuffle buffer are each rank's own.
 
 from typing import Any
 
+import torch
+
 from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
 
@@ -42,3 +44,17 @@ def shard_dataset(dataset: Any, world: World) -> Any:
             "use a larger dataset or fewer ranks."
         )
     return shard
+
+
+def rank_share(sequences: torch.Tensor, world: World, batch_size: int) -> torch.Tensor:
+    """This rank's batches of ``batch_size`` sequences: every ``world.size``-th, so the ranks
+    score the very batches one process would (mean ablation uses each batch's own mean)."""
+    if not world.is_distributed:
+        return sequences
+    batches = sequences.split(batch_size)
+    if len(batches) < world.size:
+        raise ValueError(
+            f"{len(batches)} batch(es) of {batch_size} sequences cannot be shared by {world.size} ranks; raise "
+            f"--n-tokens to at least {world.size * batch_size} context lengths or use fewer ranks."
+        )
+    return torch.cat(batches[world.rank :: world.size])

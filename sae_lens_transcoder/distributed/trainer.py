@@ -9,14 +9,12 @@ hooks ``forward``) cannot wrap the transcoder; its gradients are averaged instea
 """
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from sae_lens.saes.sae import TrainingSAE, TrainStepOutput
-from sae_lens.training.activation_scaler import ActivationScaler
 
 from sae_lens_transcoder.distributed.checkpoint import latest_complete_checkpoint
 from sae_lens_transcoder.distributed.collectives import (
@@ -50,7 +48,6 @@ def _average_gradient(param: torch.Tensor) -> None:
 def _mean_of_numbers(metrics: dict[str, Any], world: World, what: str) -> dict[str, Any]:
     """Numeric metrics averaged over ranks (per-rank means of equal-sized batches); others kept."""
     keys = [k for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)]
-    keys += [k for k, v in metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1]
     means = mean_of_floats([float(metrics[k]) for k in keys], world, what)
     return metrics | {k: (round(m) if isinstance(metrics[k], int) else m) for k, m in zip(keys, means)}
 
@@ -93,29 +90,10 @@ class DataParallelTrainer(TranscoderTrainer):
         return _mean_of_numbers(log, self.world, "averaging logged metrics")
 
 
-@dataclass
-class MeanOverRanks:
-    """An in-training evaluator run on every rank's own evaluation tokens, numbers averaged."""
-
-    evaluator: Any
-    world: World
-
-    def __call__(
-        self,
-        saes: dict[str, TrainingSAE[Any]],
-        data_provider: Any,
-        activation_scalers: dict[str, ActivationScaler],
-        hook_names: dict[str, str],
-    ) -> dict[str, Any]:
-        metrics = self.evaluator(
-            saes=saes, data_provider=data_provider, activation_scalers=activation_scalers, hook_names=hook_names
-        )
-        return _mean_of_numbers(metrics, self.world, "averaging evaluation metrics")
-
-
 class DataParallelSetTrainer(TranscoderSetTrainer):
     """The set trainer on one rank of a data-parallel run; the ranks agree on every decision
-    (stop, checkpoint, scaling factor) so they always run the same collectives."""
+    (stop, checkpoint, scaling factor) so they always run the same collectives. (The
+    evaluator sums its statistics over the ranks itself.)"""
 
     trainers: dict[str, DataParallelTrainer]  # type: ignore[assignment]
     trainer_class = DataParallelTrainer
@@ -126,8 +104,6 @@ class DataParallelSetTrainer(TranscoderSetTrainer):
         local_stop = self.stop_requested
         # A signal reaches the ranks at different steps; all stop after the first step any saw it.
         self.stop_requested = lambda: max_of_int(local_stop() or 0, "agreeing on a stop request") or None
-        if self.evaluator is not None:
-            self.evaluator = MeanOverRanks(self.evaluator, self.world)
 
     def fit(self) -> dict[str, TrainingSAE[Any]]:
         with replicas_in_sync(self.world):

@@ -12,6 +12,7 @@ from sae_lens.training.activation_scaler import ActivationScaler
 from transformer_lens import HookedTransformer
 
 from sae_lens_transcoder._sae_lens_privates import fresh_token_sequences
+from sae_lens_transcoder.distributed.world import current_world
 from sae_lens_transcoder.evals import evaluate_spliced
 from sae_lens_transcoder.splicing import Splice
 from sae_lens_transcoder.training.activations_store import TranscoderActivationsStore
@@ -70,6 +71,8 @@ class TranscoderSetEvaluator:
                     self.tokens,
                     exclude_special_tokens=self.activations_store.exclude_special_tokens,
                     batch_size=self.eval_batch_size_prompts or self.activations_store.store_batch_size_prompts,
+                    # Data parallel: each rank scores its own shard's tokens; the sums are added up.
+                    sum_over_ranks=current_world().is_distributed,
                 )
                 out |= {f"{group}/eval/{key}": metrics[key] for key in LOGGED_KEYS}
         return out
