@@ -184,34 +184,6 @@ def _torchrun_train(tmp_path: Path, *extra: str) -> list[str]:
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-def test_torchrun_trains_and_evaluates_with_two_ranks_from_the_cli(tmp_path: Path) -> None:
-    command = _torchrun_train(tmp_path) + ["--training_tokens", "4096", "--n_checkpoints", "1"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ENV)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("trained 4,096 tokens") == 1, result.stdout  # rank 0 reports, once
-    assert isinstance(SAE.load_from_disk(tmp_path / "out"), SAE)
-    (checkpoint,) = (tmp_path / "ck").glob("*/*")
-    assert sorted(p.name for p in checkpoint.glob("stream_state*")) == [
-        "stream_state.rank0-of-2.safetensors", "stream_state.rank1-of-2.safetensors"
-    ]
-
-    # Each rank scores half the sequences; the summed statistics are those of all of them.
-    evaluate = ["evaluate", str(tmp_path / "out"), "--n-tokens", "2048", "--context-size", "64", "--device", "cpu"]
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "sae_lens_transcoder"]
-    result = subprocess.run(
-        torchrun + evaluate + ["--json", str(tmp_path / "two.json")], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ENV
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("ce_loss_spliced") <= 1 and result.stdout.count(str(tmp_path / "out")) == 1, result.stdout
-    main(evaluate + ["--json", str(tmp_path / "one.json")])
-    (two,), (one,) = (json.loads((tmp_path / f"{n}.json").read_text())["rows"] for n in ("two", "one"))
-    assert two["n_tokens"] == one["n_tokens"] > 0
-    for key, value in one.items():
-        if isinstance(value, float):
-            assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
-    assert two["feature_density"] == pytest.approx(one["feature_density"], abs=1e-9)
-
-
 def _worker_of_rank(launcher: int, rank: int) -> int:
     """The pid of torchrun's worker process for ``rank`` (Linux /proc)."""
     children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
@@ -222,7 +194,11 @@ def _worker_of_rank(launcher: int, rank: int) -> int:
     raise AssertionError(f"torchrun {launcher} has no worker of rank {rank} among {children}")
 
 
-def test_torchrun_max_restarts_resumes_from_the_last_complete_checkpoint(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def restarted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """``torchrun --max-restarts 1 ... train --resume-latest`` with rank 1 killed after the
+    first complete checkpoint: (its directory, stdout, stderr)."""
+    tmp_path = tmp_path_factory.mktemp("torchrun")
     command = _torchrun_train(tmp_path, "--max-restarts", "1") + [
         "--training_tokens", "16384", "--n_checkpoints", "3", "--resume-latest"
     ]
@@ -236,8 +212,13 @@ def test_torchrun_max_restarts_resumes_from_the_last_complete_checkpoint(tmp_pat
     finally:
         launcher.kill()
     assert launcher.returncode == 0, stderr[-3000:]
+    return tmp_path, stdout, stderr
+
+
+def test_torchrun_max_restarts_resumes_from_the_last_complete_checkpoint(restarted: tuple[Path, str, str]) -> None:
+    tmp_path, stdout, stderr = restarted
     assert "sae-lens-transcoder train: rank 0: " in stderr, stderr[-3000:]  # rank 0 said why it stopped
-    assert stdout.count("trained 16,384 tokens") == 1, stdout
+    assert stdout.count("trained 16,384 tokens") == 1, stdout  # rank 0 reports, once
     # The restart went on from the killed run's last complete checkpoint, in a run directory of its own.
     runs = sorted((tmp_path / "ck").iterdir(), key=lambda p: min(c.stat().st_mtime for c in p.iterdir()))
     assert len(runs) == 2
@@ -245,4 +226,27 @@ def test_torchrun_max_restarts_resumes_from_the_last_complete_checkpoint(tmp_pat
     latest = max(done, key=lambda c: int(c.name))
     assert later and min(int(c.name) for c in later) > int(latest.name)
     assert json.loads((later[0] / "runner_cfg.json").read_text())["resume_from_checkpoint"] == str(latest)
+    for checkpoint in done + later:
+        assert sorted(p.name for p in checkpoint.glob("stream_state*")) == [
+            "stream_state.rank0-of-2.safetensors", "stream_state.rank1-of-2.safetensors"
+        ]
     assert isinstance(SAE.load_from_disk(tmp_path / "out"), SAE)
+
+
+def test_torchrun_evaluate_sums_over_ranks(restarted: tuple[Path, str, str]) -> None:
+    tmp_path = restarted[0]
+    # Each rank scores half the batches; the summed statistics are those of all of them.
+    evaluate = ["evaluate", str(tmp_path / "out"), "--n-tokens", "2048", "--context-size", "64", "--device", "cpu"]
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "sae_lens_transcoder"]
+    result = subprocess.run(
+        torchrun + evaluate + ["--json", str(tmp_path / "two.json")], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ENV
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(str(tmp_path / "out")) == 1, result.stdout  # one table, from rank 0
+    main(evaluate + ["--json", str(tmp_path / "one.json")])
+    (two,), (one,) = (json.loads((tmp_path / f"{n}.json").read_text())["rows"] for n in ("two", "one"))
+    assert two["n_tokens"] == one["n_tokens"] > 0
+    for key, value in one.items():
+        if isinstance(value, float):
+            assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert two["feature_density"] == pytest.approx(one["feature_density"], abs=1e-9)

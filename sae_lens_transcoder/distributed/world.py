@@ -67,7 +67,13 @@ def process_group_from_env(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) ->
         # "cuda" then means this rank's GPU, for the runner's config and SAELens alike.
         device_id = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device_id)
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=device_id)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, rank, size = next(dist.rendezvous("env://", timeout=timeout))
+    # torchrun keeps its store across --max-restarts attempts, and a new attempt would read
+    # the keys the dead one left (a dead rank's address): each attempt gets keys of its own.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"sae_lens_transcoder/attempt_{attempt}/", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout, device_id=device_id)
     try:
         yield current_world()
     finally:
