@@ -18,6 +18,7 @@ from sae_lens.util import get_special_token_ids
 import sae_lens_transcoder  # noqa: F401  (registers architecture="transcoder")
 from sae_lens_transcoder.circuits.command import attribute
 from sae_lens_transcoder.config_io import runner_config_from_args
+from sae_lens_transcoder.convert import UnsafePickleError, convert_pchlenski_transcoder
 from sae_lens_transcoder.evals import evaluate_spliced
 from sae_lens_transcoder.export.circuit_tracer import export_circuit_tracer
 from sae_lens_transcoder.features.command import features
@@ -182,10 +183,32 @@ def export(argv: Sequence[str]) -> Path:
     return out
 
 
+CONVERT_FORMATS = ("pchlenski",)
+
+
+def convert(argv: Sequence[str]) -> Path:
+    parser = argparse.ArgumentParser(
+        prog="sae-lens-transcoder convert",
+        description="Turn another tool's transcoder file into a SAELens directory (loads with SAE.load_from_disk).",
+    )
+    parser.add_argument("format", choices=CONVERT_FORMATS, help="pchlenski: the paper's pickled GPT-2 transcoders")
+    parser.add_argument("path", help="the file to convert (read as tensors only; nothing in it is run)")
+    parser.add_argument("--out", required=True, help="the SAELens directory to write")
+    args = parser.parse_args(argv)
+    with exit_on_bad_input("convert"):
+        try:
+            out = convert_pchlenski_transcoder(args.path, args.out)
+        except UnsafePickleError as e:  # a refused file is bad input too
+            raise ValueError(str(e)) from e
+    print(f"wrote {out}")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
-        "train": train, "evaluate": evaluate, "export": export, "attribute": attribute, "features": features, "serve": serve,
+        "train": train, "evaluate": evaluate, "export": export, "convert": convert, "attribute": attribute,
+        "features": features, "serve": serve,
     }
     if not argv or argv[0] not in commands:
         print(f"usage: sae-lens-transcoder {{{','.join(commands)}}} [options]", file=sys.stderr)
