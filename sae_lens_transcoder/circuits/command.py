@@ -10,7 +10,7 @@ import torch
 
 from sae_lens_transcoder.circuits.graph import build_graph, prune
 from sae_lens_transcoder.circuits.graph_json import save_graph_json
-from sae_lens_transcoder.circuits.graph_plot import format_paths, save_graph_html, save_graph_png
+from sae_lens_transcoder.circuits.graph_plot import format_paths, logit_lens_labels, save_graph_html, save_graph_png
 from sae_lens_transcoder.circuits.paths import find_paths
 from sae_lens_transcoder.circuits.targets import check_feature_flags, resolve_target
 from sae_lens_transcoder.circuits.trace import trace_prompt
@@ -70,16 +70,18 @@ def attribute(argv: Sequence[str]) -> dict[str, Any]:
     graph = prune(full, args.node_threshold, args.edge_threshold)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    labels = logit_lens_labels(trace, graph)
     one_logit = root.node.kind == "target" and args.token is not None and args.versus is None
     json_path = save_graph_json(
         full, out / "graph.json", trace=trace, prompt=args.prompt, scan=specs_by_layer,
         node_threshold=args.node_threshold, edge_threshold=args.edge_threshold, target_label=label,
         target_token=root.node.index if one_logit else None, keep_extra_nodes=args.keep_extra_nodes,
         token_prob=float(trace.logits[root.node.pos].softmax(-1)[root.node.index]) if root.node.kind == "target" else None,
+        clerps={(n.layer, n.index): text for n, text in labels.items()},
     )
     title = f"{model_name}: {args.prompt!r} -> {label}"
-    save_graph_html(full, out / "graph.html", title=title)
-    save_graph_png(full, out / "graph.png", title=title)
+    save_graph_html(full, out / "graph.html", title=title, labels=labels)
+    save_graph_png(full, out / "graph.png", title=title, labels=labels)
     listing = format_paths(paths[: args.top_paths], tokens)
     (out / "paths.txt").write_text(listing + "\n")
     print(f"target {root.node} = {graph.root_value:+.4f}; graph: {len(graph.nodes)} nodes, {len(graph.edges)} edges -> {out}")
