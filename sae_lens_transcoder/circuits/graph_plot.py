@@ -413,8 +413,10 @@ def save_graph_png(
     node_threshold: float | None = 0.8,
     max_nodes: int | None = 60,
     edge_threshold: float = 0.98,
+    dpi: int = 100,
 ) -> Path:
-    """``graph`` in the same layout as ``save_graph_html``, as a 1,920 px wide PNG (matplotlib, Agg)."""
+    """``graph`` in the same layout as ``save_graph_html``, as a PNG (matplotlib, Agg) 1,920 px
+    wide at the default ``dpi`` (which scales the whole picture)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.collections import LineCollection
     from matplotlib.colors import to_rgba
@@ -425,15 +427,15 @@ def save_graph_png(
     graph = _drawn(graph, node_threshold, max_nodes, edge_threshold)
     labels = labels or {}
     layout = _layout(graph)
-    dpi = 100
+    layout_dpi = 100  # the layout is in pixels at this resolution
     heading = 40.0
-    fig = Figure(figsize=(WIDTH / dpi, (layout.height + heading) / dpi), dpi=dpi)
+    fig = Figure(figsize=(WIDTH / layout_dpi, (layout.height + heading) / layout_dpi), dpi=layout_dpi)
     FigureCanvasAgg(fig)
     ax = fig.add_axes((0.0, 0.0, 1.0, layout.height / (layout.height + heading)))
     ax.set_xlim(0, WIDTH)
     ax.set_ylim(layout.height, 0)  # pixel coordinates, y down, as the SVG
     ax.axis("off")
-    px = 72.0 / dpi  # points per pixel, for font sizes and marker sizes
+    px = 72.0 / layout_dpi  # points per pixel, for font sizes and marker sizes
     halo = [withStroke(linewidth=3 * px, foreground="white")]  # captions stay readable over edges
     bottom = layout.height - _BOTTOM
     for y, label in layout.rows:
