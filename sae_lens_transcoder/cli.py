@@ -67,7 +67,7 @@ def train(argv: Sequence[str]) -> dict[str, Any]:
         start = time.perf_counter()
         runner = TranscoderTrainingRunner(cfg, overwrite_output=ours.overwrite)
     try:
-        sae = runner.run()
+        runner.run()
     except TrainingInterrupted as stop:
         print(f"sae-lens-transcoder train: {stop}", file=sys.stderr)
         raise SystemExit(128 + (stop.signal_number or 0)) from None
@@ -88,7 +88,7 @@ def train(argv: Sequence[str]) -> dict[str, Any]:
         tokens = heldout_tokens(runner.model, heldout, cfg.context_size, ours.eval_tokens, cfg.prepend_bos)  # type: ignore[arg-type]
         metrics = evaluate_spliced(
             runner.model,  # type: ignore[arg-type]
-            [sae],
+            runner.build_replacement(),
             tokens,
             exclude_special_tokens=runner.activations_store.exclude_special_tokens,
         )

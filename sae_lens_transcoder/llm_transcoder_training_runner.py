@@ -134,7 +134,7 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         for transcoder in self.transcoders.values():
             transcoder.to(cfg.device)
         self.sae = next(iter(self.transcoders.values()))
-        self.replacement = self._build_replacement()
+        self.replacement = self.build_replacement()
         self.activations_store = TranscoderActivationsStore.from_runner_config(
             self.model, cfg, self.replacement.batch_layout, override_dataset=override_dataset
         )
@@ -207,7 +207,8 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
     def _write_inference_view(self, sae: TrainingSAE[Any], scale: float, directory: Path) -> None:
         write_inference_view(sae, scale, directory)
 
-    def _build_replacement(self) -> ReplacementSet:
+    def build_replacement(self) -> ReplacementSet:
+        """The transcoders as a replacement set, as they are now (e.g. after ``run``)."""
         return PerLayerTranscoders([Splice(tc, *self.hooks[layer]) for layer, tc in self.transcoders.items()])
 
     def _trainer_saes(self) -> dict[str, TrainingSAE[Any]]:

@@ -41,6 +41,7 @@ from sae_lens_transcoder.layer_spec import parse_mlp_layers
 from sae_lens_transcoder.export.circuit_tracer import CONFIG_FILE as CIRCUIT_TRACER_CONFIG
 from sae_lens_transcoder.replacement import PerLayerTranscoders, ReplacementSet, Splice
 from sae_lens_transcoder.replacement.saving import MANIFEST_FILE
+from sae_lens_transcoder.saes.clt import CLT_TRAINER_NAME
 from sae_lens_transcoder.saes.mixin import TranscoderConfigMixin
 from sae_lens_transcoder.saes.transcoder import TRAINING_CLASSES
 from sae_lens_transcoder.training.checkpoint_view import training_cfg_file
@@ -347,13 +348,14 @@ def _check_saved_sae_for_training(cfg: LanguageModelSAERunnerConfig[Any], field:
 
 
 def _saved_sae_dirs(path: Path, field: str) -> list[Path]:
-    """A checkpoint holds one ``layer_<i>`` directory per transcoder; a pretrained SAE is one."""
+    """A checkpoint holds one ``layer_<i>`` directory per transcoder (one ``clt`` directory for a
+    cross-layer transcoder); a pretrained SAE is one."""
     if field != "resume_from_checkpoint":
         return [path]
-    layers = sorted(p for p in path.iterdir() if p.is_dir() and p.name.startswith("layer_"))
+    layers = sorted(p for p in path.iterdir() if p.is_dir() and (p.name.startswith("layer_") or p.name == CLT_TRAINER_NAME))
     if not layers:
         raise FileNotFoundError(
-            f"{field}={str(path)!r} holds no layer_<i> directory: it is not a checkpoint written by "
+            f"{field}={str(path)!r} holds no layer_<i> (or {CLT_TRAINER_NAME}) directory: it is not a checkpoint written by "
             "this plugin's runner. Give a directory under the run's checkpoint_path."
         )
     return layers

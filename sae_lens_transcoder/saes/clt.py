@@ -269,6 +269,8 @@ class TrainingCrossLayerTranscoder(TrainingSAE[TrainingCLTConfig]):
             state_dict["threshold"] = state_dict.pop("log_threshold").exp()
 
 
+CLT_TRAINER_NAME = "clt"  # the CLT's directory in a checkpoint, and its prefix in logs
+
 CLT_CLASSES: dict[str, tuple[type, type]] = {
     "clt": (TrainingCrossLayerTranscoder, TrainingCLTConfig),
     "jumprelu_clt": (TrainingCrossLayerTranscoder, JumpReLUCLTConfig),

@@ -21,10 +21,9 @@ from sae_lens.util import temporary_seed
 from sae_lens_transcoder.llm_transcoder_training_runner import TranscoderTrainingRunner
 from sae_lens_transcoder.replacement import ReplacementSet
 from sae_lens_transcoder.replacement.cross_layer import CLT_HOOKS_KEY, CrossLayerTranscoders
+from sae_lens_transcoder.saes.clt import CLT_TRAINER_NAME as CLT_NAME
 from sae_lens_transcoder.saes.clt import TrainingCrossLayerTranscoder
 from sae_lens_transcoder.saes.clt_files import load_clt, save_clt
-
-CLT_NAME = "clt"
 
 
 class CrossLayerTranscoderTrainingRunner(TranscoderTrainingRunner):
@@ -57,7 +56,7 @@ class CrossLayerTranscoderTrainingRunner(TranscoderTrainingRunner):
             raise ValueError(f"the cross-layer transcoder must cover the {len(layers)} layers {layers} of sae.mlp_layers.")
         return {layers[0]: clt}
 
-    def _build_replacement(self) -> ReplacementSet:
+    def build_replacement(self) -> ReplacementSet:
         return CrossLayerTranscoders(self.sae, self.covered_hooks)
 
     def _trainer_saes(self) -> dict[str, TrainingSAE[Any]]:
