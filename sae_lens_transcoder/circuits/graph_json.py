@@ -269,6 +269,27 @@ def _prompt_tokens(graph: AttributionGraph, trace: Trace | None) -> list[str]:
     return [str(tokenizer.decode([token])) for token in graph.token_ids]
 
 
+def _absorbed_kinds(graph: AttributionGraph) -> dict[Node, set[str]]:
+    """The kinds ``fold_extra_nodes`` merges into each accepted node (for its label)."""
+    passed_through = {dst for _, dst in graph.edges if dst.kind == "head"}
+    absorbed: dict[Node, set[str]] = defaultdict(set)
+    for node in graph.influence:
+        if node != graph.root and node.kind not in ACCEPTED_KINDS and node not in passed_through:
+            absorbed[accepted_home(node)].add(node.kind)
+    return absorbed
+
+
+def _logit_id(graph: AttributionGraph, trace: Trace | None, target_token: int | None) -> int:
+    """The logit node's vocabulary id: the token, or circuit-tracer's virtual id ``d_vocab + 0``."""
+    if graph.root.kind != "target":
+        return -1
+    if target_token is not None:
+        return int(target_token)
+    if trace is None:
+        raise ValueError("target_token: give the root's token id, or trace= for a logit-difference root's virtual id.")
+    return int(trace.model.cfg.d_vocab)
+
+
 def _token_string(trace: Trace | None, token: int) -> str:
     if trace is None or trace.model.tokenizer is None:
         return f"<{token}>"
@@ -305,23 +326,15 @@ def graph_to_json(
     folding them.
     """
     _check_positions(graph)
-    folded: dict[Node, set[str]] = defaultdict(set)  # what each accepted node absorbs, for its label
+    folded: dict[Node, set[str]] = defaultdict(set)
     if not keep_extra_nodes:
-        passed_through = {dst for _, dst in graph.edges if dst.kind == "head"}
-        for node in graph.influence:
-            if node != graph.root and node.kind not in ACCEPTED_KINDS and node not in passed_through:
-                folded[accepted_home(node)].add(node.kind)
+        folded = _absorbed_kinds(graph)
         graph = fold_extra_nodes(graph)
     shares = _cumulative_influence(graph)
     pruned = graph if node_threshold is None else prune(graph, node_threshold, edge_threshold)
     labels = clerps or {}
     n_tokens = len(graph.tokens)
-    if graph.root.kind == "target":
-        if target_token is None and trace is None:
-            raise ValueError("target_token: give the root's token id, or trace= for a logit-difference root's virtual id.")
-        logit_id = int(trace.model.cfg.d_vocab) if target_token is None else int(target_token)  # type: ignore[union-attr]
-    else:
-        logit_id = -1
+    logit_id = _logit_id(graph, trace, target_token)
     if token_prob is None:
         token_prob = 0.0
         if trace is not None and target_token is not None:
