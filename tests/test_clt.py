@@ -263,3 +263,23 @@ def test_cli_trains_a_clt(tmp_path: Path) -> None:
           "--log_to_wandb", "False", "--n_checkpoints", "0"])
     loaded = load_clt(out)
     assert loaded.layers == [0, 1] and loaded.sources(1) == [0, 1]
+
+
+def test_a_clt_circuit_tracer_wrote_loads_from_its_own_files(tmp_path: Path) -> None:
+    """No cfg.json: the hooks come from config.yaml, the sizes and activation from the files."""
+    from sae_lens_transcoder.loading import load_transcoder_set
+
+    model = _model("llama3")
+    clt = random_clt(model, "jumprelu_clt")
+    out = save_clt(clt, tmp_path / "ct")
+    (out / "cfg.json").unlink()
+    loaded = load_transcoder_set(out)
+    assert isinstance(loaded, CrossLayerTranscoders) and loaded.clt.cfg.architecture() == "jumprelu_clt"
+    assert [loaded.hook_in(layer) for layer in loaded.layers] == [pair[0] for pair in _hooks(3)]
+    x = torch.randn(6, D_MODEL, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for layer in range(3):
+            torch.testing.assert_close(loaded.encode(layer, x), clt_replacement(clt).encode(layer, x), rtol=1e-6, atol=1e-7)
+    trace = trace_prompt(model, loaded, _prompt())
+    target = logit_target(trace, 11, 5)
+    assert direct_contributions(trace, target).total() == pytest.approx(float(trace.logits[11, 5]), rel=1e-4, abs=1e-6)

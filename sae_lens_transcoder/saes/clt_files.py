@@ -25,7 +25,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from sae_lens.registry import get_sae_training_class
 
-from sae_lens_transcoder.replacement.cross_layer import CrossLayerTranscoders, clt_replacement
+from sae_lens_transcoder.replacement.cross_layer import CLT_HOOKS_KEY, CrossLayerTranscoders, clt_replacement
 from sae_lens_transcoder.saes.clt import TrainingCrossLayerTranscoder
 
 CONFIG_FILE = "config.yaml"
@@ -73,13 +73,48 @@ def save_clt(clt: TrainingCrossLayerTranscoder, directory: str | Path, input_sca
     return directory
 
 
+def is_clt_dir(directory: str | Path) -> bool:
+    """A directory in circuit-tracer's CLT layout (ours or circuit-tracer's own)."""
+    config = Path(directory) / CONFIG_FILE
+    return config.is_file() and (yaml.safe_load(config.read_text()) or {}).get("model_kind") == "cross_layer_transcoder"
+
+
+def _cfg_from_circuit_tracer_files(directory: Path) -> dict[str, Any]:
+    """What our ``cfg.json`` would say, for a CLT circuit-tracer wrote (its files and config.yaml)."""
+    config = yaml.safe_load((directory / CONFIG_FILE).read_text())
+    n_layers = len(list(directory.glob("W_enc_*.safetensors")))
+    if n_layers == 0:
+        raise FileNotFoundError(f"{directory} has {CONFIG_FILE} but no W_enc_<i>.safetensors files.")
+    first = load_file(directory / "W_enc_0.safetensors")
+    d_sae, d_in = first["W_enc_0"].shape
+    hook_in, hook_out = config.get("feature_input_hook", "hook_resid_mid"), config.get("feature_output_hook", "hook_mlp_out")
+    if not isinstance(hook_in, str) or not isinstance(hook_out, str):
+        raise ValueError(f"{directory / CONFIG_FILE}: feature_input_hook/feature_output_hook must each name one hook.")
+    architecture = {"relu": "clt", "jump_relu": "jumprelu_clt", "topk": "topk_clt"}[
+        config.get("activation", "jump_relu" if "threshold_0" in first else "relu")
+    ]
+    saved: dict[str, Any] = {
+        "architecture": architecture, "d_in": int(d_in), "d_sae": int(d_sae), "d_out": int(first["b_dec_0"].shape[0]),
+        "n_layers": n_layers,
+        "metadata": {CLT_HOOKS_KEY: [[f"blocks.{i}.{hook_in}", f"blocks.{i}.{hook_out}"] for i in range(n_layers)]},
+    }
+    if "k" in config:
+        saved["k"] = int(config["k"])
+    return saved
+
+
 def load_clt(directory: str | Path, device: str = "cpu") -> CrossLayerTranscoders:
-    """A CLT written by :func:`save_clt`, as a replacement set."""
+    """A CLT in circuit-tracer's layout, as a replacement set: one :func:`save_clt` wrote (its
+    ``cfg.json`` has the hooks and training config), or circuit-tracer's own (hooks from its
+    ``config.yaml``, relative to each layer's block)."""
     directory = Path(directory)
     cfg_path = directory / CFG_FILE
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{directory} has no {CFG_FILE}: it is not a cross-layer transcoder saved by sae_lens_transcoder.")
-    saved = json.loads(cfg_path.read_text())
+    if cfg_path.is_file():
+        saved = json.loads(cfg_path.read_text())
+    elif is_clt_dir(directory):
+        saved = _cfg_from_circuit_tracer_files(directory)
+    else:
+        raise FileNotFoundError(f"{directory} is not a cross-layer transcoder: no {CFG_FILE} and no {CONFIG_FILE} with model_kind: cross_layer_transcoder.")
     cls, config_class = get_sae_training_class(saved["architecture"])
     if not issubclass(cls, TrainingCrossLayerTranscoder):
         raise ValueError(f"{cfg_path} holds a {saved['architecture']!r} SAE, not a cross-layer transcoder.")
