@@ -31,12 +31,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from sae_lens_transcoder.circuits.graph import AttributionGraph, Edge, prune
 from sae_lens_transcoder.circuits.graph_json import display_token
 from sae_lens_transcoder.circuits.nodes import KINDS, Node
 from sae_lens_transcoder.circuits.paths import Path as CircuitPath
-from sae_lens_transcoder.circuits.trace import Trace
-from sae_lens_transcoder.circuits.weights import logit_lens, top_tokens
+from sae_lens_transcoder.circuits.trace import Trace, final_norm
+from sae_lens_transcoder.circuits.weights import decoder_directions
 
 #: Colour and marker of each kind (markers as matplotlib names; the SVG draws the same shapes).
 KIND_STYLES: dict[str, tuple[str, str]] = {
@@ -98,20 +100,29 @@ def format_paths(paths: Sequence[CircuitPath], tokens: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def logit_lens_labels(trace: Trace, nodes: Sequence[Node] | AttributionGraph) -> dict[Node, str]:
+def logit_lens_labels(trace: Trace, nodes: Sequence[Node] | AttributionGraph, chunk: int = 256) -> dict[Node, str]:
     """``→"token"`` for every feature node: the top token of its decoder row through the
-    unembedding (``weights.logit_lens``), what the feature most directly promotes."""
+    final norm's weight and the unembedding (``weights.logit_lens``, here for many features at
+    once: the decoder of each layer is built once), what the feature most directly promotes."""
     nodes = nodes.nodes if isinstance(nodes, AttributionGraph) else nodes
-    labels, cache = {}, {}
+    wanted: dict[int, set[int]] = defaultdict(set)
     for node in nodes:
-        if node.kind != "feature" or node.layer not in trace.splices:
-            continue
-        key = (node.layer, node.index)
-        if key not in cache:
-            top, _ = top_tokens(trace.model, logit_lens(trace.model, trace.splices[node.layer], node.index), k=1)
-            cache[key] = f"→{json.dumps(display_token(top[0][0]), ensure_ascii=False)}"
-        labels[node] = cache[key]
-    return labels
+        if node.kind == "feature" and node.layer in trace.splices:
+            wanted[node.layer].add(node.index)
+    if not wanted:
+        return {}
+    model = trace.model
+    with torch.no_grad():
+        readers = final_norm(model).read_direction(model.W_U.T)  # [d_vocab, d_model]
+        names: dict[tuple[int, int], str] = {}
+        for layer, indices in wanted.items():
+            ordered = sorted(indices)
+            decoder = decoder_directions(trace.splices[layer])
+            for start in range(0, len(ordered), chunk):
+                part = ordered[start : start + chunk]
+                for index, token in zip(part, (decoder[part] @ readers.T).argmax(-1).tolist()):
+                    names[(layer, index)] = f"→{json.dumps(display_token(model.to_single_str_token(token)), ensure_ascii=False)}"
+    return {node: names[(node.layer, node.index)] for node in nodes if (node.layer, node.index) in names and node.kind == "feature"}
 
 
 def node_caption(node: Node, graph: AttributionGraph, labels: Mapping[Node, str] | None = None) -> tuple[str, str]:
