@@ -8,12 +8,13 @@ from typing import Any
 
 import torch
 
-from sae_lens_transcoder.circuits.graph import build_graph, prune
+from sae_lens_transcoder.circuits.attribution import Target
+from sae_lens_transcoder.circuits.graph import AttributionGraph, build_graph, prune
 from sae_lens_transcoder.circuits.graph_json import save_graph_json
 from sae_lens_transcoder.circuits.graph_plot import format_paths, logit_lens_labels, save_graph_html, save_graph_png
 from sae_lens_transcoder.circuits.paths import find_paths
 from sae_lens_transcoder.circuits.targets import check_feature_flags, resolve_target
-from sae_lens_transcoder.circuits.trace import trace_prompt
+from sae_lens_transcoder.circuits.trace import Trace, trace_prompt
 from sae_lens_transcoder.loading import load_model_for, load_transcoders
 from sae_lens_transcoder.splicing import as_splices
 from sae_lens_transcoder.validation import check_splices_fit_model, exit_on_bad_input
@@ -48,6 +49,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _write_graph_files(
+    out: Path, full: AttributionGraph, graph: AttributionGraph, trace: Trace, root: Target, label: str, title: str,
+    specs_by_layer: dict[int, str], args: argparse.Namespace,
+) -> Path:
+    """graph.json (the unpruned graph, pruned on writing as circuit-tracer does), graph.html
+    and graph.png (the pruned graph within the pictures' node budget), features labelled by
+    their top logit-lens token; returns the JSON file."""
+    labels = logit_lens_labels(trace, graph)
+    one_logit = root.node.kind == "target" and args.token is not None and args.versus is None
+    json_path = save_graph_json(
+        full, out / "graph.json", trace=trace, prompt=args.prompt, scan=specs_by_layer,
+        node_threshold=args.node_threshold, edge_threshold=args.edge_threshold, target_label=label,
+        target_token=root.node.index if one_logit else None, keep_extra_nodes=args.keep_extra_nodes,
+        token_prob=float(trace.logits[root.node.pos].softmax(-1)[root.node.index]) if root.node.kind == "target" else None,
+        clerps={(n.layer, n.index): text for n, text in labels.items()},
+    )
+    for save, name in ((save_graph_html, "graph.html"), (save_graph_png, "graph.png")):
+        save(full, out / name, title=title, labels=labels, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
+    return json_path
+
+
 def attribute(argv: Sequence[str]) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     with exit_on_bad_input("attribute"):
@@ -70,18 +92,7 @@ def attribute(argv: Sequence[str]) -> dict[str, Any]:
     graph = prune(full, args.node_threshold, args.edge_threshold)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    labels = logit_lens_labels(trace, graph)
-    one_logit = root.node.kind == "target" and args.token is not None and args.versus is None
-    json_path = save_graph_json(
-        full, out / "graph.json", trace=trace, prompt=args.prompt, scan=specs_by_layer,
-        node_threshold=args.node_threshold, edge_threshold=args.edge_threshold, target_label=label,
-        target_token=root.node.index if one_logit else None, keep_extra_nodes=args.keep_extra_nodes,
-        token_prob=float(trace.logits[root.node.pos].softmax(-1)[root.node.index]) if root.node.kind == "target" else None,
-        clerps={(n.layer, n.index): text for n, text in labels.items()},
-    )
-    title = f"{model_name}: {args.prompt!r} -> {label}"
-    save_graph_html(full, out / "graph.html", title=title, labels=labels)
-    save_graph_png(full, out / "graph.png", title=title, labels=labels)
+    json_path = _write_graph_files(out, full, graph, trace, root, label, f"{model_name}: {args.prompt!r} -> {label}", specs_by_layer, args)
     listing = format_paths(paths[: args.top_paths], tokens)
     (out / "paths.txt").write_text(listing + "\n")
     print(f"target {root.node} = {graph.root_value:+.4f}; graph: {len(graph.nodes)} nodes, {len(graph.edges)} edges -> {out}")
