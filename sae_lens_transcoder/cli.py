@@ -27,7 +27,8 @@ from sae_lens_transcoder.loading import load_model_for, load_transcoders
 from sae_lens_transcoder.plots import plot_feature_density
 from sae_lens_transcoder.report import format_table, heldout_tokens, load_heldout_split
 from sae_lens_transcoder.splicing import as_splices
-from sae_lens_transcoder.validation import check_number, check_splices_fit_model, exit_on_bad_input
+from sae_lens_transcoder.saes.clt_files import is_clt_dir, load_clt
+from sae_lens_transcoder.validation import check_number, check_replacement_fits_model, check_splices_fit_model, exit_on_bad_input
 from sae_lens_transcoder.training.activations_store import NonFiniteActivationsError
 from sae_lens_transcoder.training.trainer import NonFiniteLossError, TrainingInterrupted
 from sae_lens_transcoder.viewer.command import serve
@@ -108,7 +109,7 @@ def evaluate(argv: Sequence[str]) -> dict[str, Any]:
         prog="sae-lens-transcoder evaluate",
         description="Evaluate transcoders spliced into their model, one at a time and all together.",
     )
-    parser.add_argument("paths", nargs="+", help="SAELens-format directories or release/sae_id")
+    parser.add_argument("paths", nargs="+", help="SAELens-format directories or release/sae_id, or one cross-layer transcoder directory")
     parser.add_argument("--model", help="model name (default: the transcoders' metadata.model_name)")
     parser.add_argument("--dataset", help="dataset with a held-out split (default: the metadata's dataset_path)")
     parser.add_argument("--split", help="held-out split name (default: test, else validation)")
@@ -122,14 +123,21 @@ def evaluate(argv: Sequence[str]) -> dict[str, Any]:
     with exit_on_bad_input("evaluate"):
         check_number("--n-tokens", args.n_tokens, integer=True, minimum=1)
         check_number("--context-size", args.context_size, integer=True, minimum=1, optional=True)
-        names, transcoders = map(list, zip(*load_transcoders(args.paths, args.device)))
-        meta = transcoders[0].cfg.metadata
+        clt = load_clt(args.paths[0], args.device) if len(args.paths) == 1 and is_clt_dir(Path(args.paths[0]).expanduser()) else None
+        if clt is not None:  # one model over all its layers: evaluated all replaced, per layer inside
+            names, transcoders, meta = args.paths, [], clt.clt.cfg.metadata
+        else:
+            names, transcoders = map(list, zip(*load_transcoders(args.paths, args.device)))
+            meta = transcoders[0].cfg.metadata
         model_name = args.model or meta.model_name
         dataset_path = args.dataset or meta.dataset_path
         if not model_name or not dataset_path:
             raise ValueError("give --model and --dataset (the transcoder's metadata lacks model_name or dataset_path)")
         model = load_model_for(model_name, meta, args.device)
-        check_splices_fit_model(model, as_splices(transcoders), model_name, labels=names)
+        if clt is None:
+            check_splices_fit_model(model, as_splices(transcoders), model_name, labels=names)
+        else:
+            check_replacement_fits_model(model, clt)
         context = args.context_size or meta.context_size or 128
         if context > model.cfg.n_ctx:
             raise ValueError(f"context size {context} is longer than {model_name!r}'s n_ctx={model.cfg.n_ctx}: pass --context-size {model.cfg.n_ctx}")
@@ -137,6 +145,8 @@ def evaluate(argv: Sequence[str]) -> dict[str, Any]:
         tokens = heldout_tokens(model, load_heldout_split(dataset_path, args.split), context, args.n_tokens, prepend_bos)
     exclude = None if args.keep_special_tokens else get_special_token_ids(model.tokenizer)  # type: ignore[arg-type]
     rows: list[dict[str, Any]] = []
+    if clt is not None:
+        rows.append({"name": f"{names[0]} (all {len(clt.layers)} layers)", **evaluate_spliced(model, clt, tokens, exclude_special_tokens=exclude)})
     for path, tc in zip(names, transcoders):
         rows.append({"name": path, **evaluate_spliced(model, [tc], tokens, exclude_special_tokens=exclude)})
     if len(transcoders) > 1:
@@ -145,7 +155,7 @@ def evaluate(argv: Sequence[str]) -> dict[str, Any]:
     if args.plots:
         out = Path(args.plots)
         out.mkdir(parents=True, exist_ok=True)
-        for i, row in enumerate(rows[: len(transcoders)]):
+        for i, row in enumerate(rows[: max(len(transcoders), 1)]):
             plot_feature_density(row["feature_density"], out / f"feature_density_{i}.png", title=row["name"])
     result = {"model": model_name, "dataset": dataset_path, "rows": rows}
     if args.json:

@@ -253,6 +253,7 @@ def test_resume_from_a_checkpoint_ends_bit_identical(tmp_path: Path, dataset: Da
 
 
 def test_cli_trains_a_clt(tmp_path: Path) -> None:
+    from sae_lens_transcoder.cli import evaluate as evaluate_cli
     from sae_lens_transcoder.cli import main
 
     out = tmp_path / "clt"
@@ -263,6 +264,10 @@ def test_cli_trains_a_clt(tmp_path: Path) -> None:
           "--log_to_wandb", "False", "--n_checkpoints", "0"])
     loaded = load_clt(out)
     assert loaded.layers == [0, 1] and loaded.sources(1) == [0, 1]
+    result = evaluate_cli([str(out), "--n-tokens", "512", "--context-size", "64"])
+    (row,) = result["rows"]
+    assert [t["hook_name_out"] for t in row["per_transcoder"]] == ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]
+    assert row["n_tokens"] > 400 and row["kl_div"] > 0  # scored on held-out text, CLT spliced in
 
 
 def test_a_clt_circuit_tracer_wrote_loads_from_its_own_files(tmp_path: Path) -> None:
