@@ -15,10 +15,11 @@ import torch
 from sae_lens_transcoder.circuits import Node, logit_target, trace_prompt
 from sae_lens_transcoder.circuits.graph import AttributionGraph, build_graph, merge_positions, prune
 from sae_lens_transcoder.circuits.graph_fold import fold_attention_heads, fold_extra_nodes
-from sae_lens_transcoder.circuits.graph_json import cantor, display_token, graph_to_json, load_graph_schema, save_graph_json
+from sae_lens_transcoder.circuits.graph_json import display_token, graph_to_json, load_graph_schema, save_graph_json
 from sae_lens_transcoder.circuits.graph_plot import KIND_NAMES, _layout, format_paths, logit_lens_labels, save_graph_html, save_graph_png
 from sae_lens_transcoder.circuits.paths import find_paths
 from sae_lens_transcoder.circuits.trace import Trace
+from sae_lens_transcoder.features.paths import cantor_pair
 from sae_lens_transcoder.models import load_model
 from tests.circuit_fixtures import random_transcoder
 from tests.conftest import build_model
@@ -41,7 +42,7 @@ def check_consistent(data: dict[str, Any]) -> None:
     for n in data["nodes"]:
         if n["feature_type"] == "cross layer transcoder":
             layer, index, pos = map(int, n["node_id"].split("_"))
-            assert (n["feature"], n["layer"], n["ctx_idx"]) == (cantor(layer, index), str(layer), pos)
+            assert (n["feature"], n["layer"], n["ctx_idx"]) == (cantor_pair(layer, index), str(layer), pos)
             assert n["jsNodeId"] == f"{layer}_{index}-0"
         elif n["feature_type"] == "mlp reconstruction error":
             assert n["node_id"] == f"{n['layer']}_-1_{n['ctx_idx']}" and n["feature"] == -1 and n["activation"] is None
@@ -88,7 +89,7 @@ def test_known_circuit_json_has_its_edges_with_their_weights(known: tuple[Trace,
     assert nodes[logit]["jsNodeId"] == f"L_{ANSWER}-4" and nodes[logit]["layer"] == "3"
     assert nodes[logit]["token_prob"] == pytest.approx(float(trace.logits[4].softmax(-1)[ANSWER]))
     assert nodes[logit]["influence"] is None and nodes[f1]["activation"] == pytest.approx(1.0)
-    assert nodes[f0]["feature"] == cantor(0, F0) and nodes[f1]["feature"] == cantor(1, F1)
+    assert nodes[f0]["feature"] == cantor_pair(0, F0) and nodes[f1]["feature"] == cantor_pair(1, F1)
     assert nodes[embed_a]["feature_type"] == "embedding" and nodes[embed_a]["feature"] == 4
     assert nodes[embed_a]["jsNodeId"] == f"E_{TOKEN_A}-4"
     assert nodes[head]["feature_type"] == "attention head" and nodes[head]["activation"] is None

@@ -74,9 +74,9 @@ index), and then fetches, in order: ``{id}/{feature}.json`` relative to the page
 starts with ``./``; otherwise, if the Hugging Face repo ``id`` (read as
 ``repo[//subfolder][@revision]``) has ``features/index.json.gz``, byte ranges of the binary
 files that index names; otherwise ``./features/{id}/{feature}.json`` (which its utility
-rewrites to its CloudFront host). Our files and viewer therefore keep a feature's page at
-``features/{id}/{feature}.json`` under the graph folder (``feature_file``), in
-circuit-tracer's feature format (``frontend/feature_models.py``).
+rewrites to its CloudFront host). A graph folder therefore keeps a feature's page at
+``features/{id}/{feature}.json`` (``features.paths.feature_file_path``, which the feature-file
+writer and ``serve`` use), in circuit-tracer's feature format (``frontend/feature_models.py``).
 """
 
 import hashlib
@@ -93,6 +93,7 @@ from sae_lens_transcoder.circuits.graph_fold import ACCEPTED_KINDS, accepted_hom
 from sae_lens_transcoder.circuits.nodes import Node
 from sae_lens_transcoder.circuits.portable_ids import transcoder_id
 from sae_lens_transcoder.circuits.trace import Trace
+from sae_lens_transcoder.features.paths import cantor_pair
 
 SCHEMA_PATH = Path(__file__).with_name("graph_schema.json")
 INDEX_NAME = "graph-metadata.json"
@@ -126,36 +127,6 @@ def display_token(token: str) -> str:
     return token.translate(_TOKEN_ESCAPES)
 
 
-def cantor(layer: int, index: int) -> int:
-    """circuit-tracer's feature id: the Cantor pairing of ``(layer, index)``."""
-    return (layer + index) * (layer + index + 1) // 2 + index
-
-
-def uncantor(feature: int) -> tuple[int, int]:
-    """``(layer, index)`` from ``cantor(layer, index)``."""
-    w = (int((8 * feature + 1) ** 0.5) - 1) // 2
-    while (w + 1) * (w + 2) // 2 <= feature:  # guard against float rounding for huge ids
-        w += 1
-    while w * (w + 1) // 2 > feature:
-        w -= 1
-    index = feature - w * (w + 1) // 2
-    return w - index, index
-
-
-def feature_scan_id(metadata: Mapping[str, Any], layer: int) -> str:
-    """The id under which the viewer looks up features of ``layer`` (see the module docstring)."""
-    scan = str(metadata["scan"])
-    if scan.startswith(CUSTOM_SCAN_PREFIX):
-        return str(metadata["transcoder_list"][layer])
-    return scan
-
-
-def feature_file(metadata: Mapping[str, Any], layer: int, index: int) -> str:
-    """Where a graph folder keeps the page of feature ``index`` of ``layer``:
-    ``features/{id}/{cantor(layer, index)}.json`` (relative to the folder)."""
-    return f"features/{feature_scan_id(metadata, layer)}/{cantor(layer, index)}.json"
-
-
 def load_graph_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) that ``graph_to_json``'s output satisfies."""
     return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
@@ -171,7 +142,7 @@ def _check_positions(graph: AttributionGraph) -> None:
 
 def _feature_code(node: Node, n_tokens: int) -> int:
     if node.kind == "feature":
-        return cantor(node.layer, node.index)
+        return cantor_pair(node.layer, node.index)
     if node.kind == "error":
         return -1
     if node.kind == "embed":
