@@ -182,7 +182,7 @@ def test_html_and_png_pictures_draw_the_pruned_graph_labelled(
             if node.kind == "feature":
                 assert f"L{node.layer}/{node.index}" in captions
             elif node.kind == "head":
-                assert f"{node.layer}.{node.index}" in captions
+                assert f"L{node.layer}.H{node.index}" in captions
         for kind in {n.kind for n in expected.nodes}:  # a legend entry per kind drawn
             assert f">{KIND_NAMES[kind]}</text>" in text
         width, height = _png_size(save_graph_png(graph, tmp_path / f"{name}.png"))

@@ -135,7 +135,7 @@ def node_caption(node: Node, graph: AttributionGraph, labels: Mapping[Node, str]
     if node.kind == "feature":
         return (f"L{node.layer}/{node.index}", given)
     if node.kind == "head":
-        return (f"{node.layer}.{node.index}", given or (f"from {_token(tokens, node.src)}" if node.src >= 0 else ""))
+        return (f"L{node.layer}.H{node.index}", given or (f"from {_token(tokens, node.src)}" if node.src >= 0 else ""))
     if node.kind in ("embed", "pos_embed"):
         return ("emb" if node.kind == "embed" else "pos", given or _token(tokens, node.pos))
     short = {"error": "err", "mlp": "MLP", "skip": "skip", "transcoder_bias": "bias", "attn_bias": "attn bias", "target_bias": "const"}
