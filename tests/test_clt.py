@@ -288,3 +288,28 @@ def test_a_clt_circuit_tracer_wrote_loads_from_its_own_files(tmp_path: Path) -> 
     trace = trace_prompt(model, loaded, _prompt())
     target = logit_target(trace, 11, 5)
     assert direct_contributions(trace, target).total() == pytest.approx(float(trace.logits[11, 5]), rel=1e-4, abs=1e-6)
+
+
+def test_feature_files_of_clt_features(tmp_path: Path) -> None:
+    """A CLT feature's file: its activations at its own layer, its logit lens through every
+    layer it writes to."""
+    import json
+
+    from sae_lens_transcoder.circuits.trace import final_norm
+    from sae_lens_transcoder.features.feature_files import write_feature_files
+    from tests.family_models import TOKENIZER
+
+    model = _model("gpt2")
+    model.set_tokenizer(TOKENIZER)
+    replacement = clt_replacement(random_clt(model))
+    tokens = torch.randint(1, D_VOCAB, (8, CONTEXT), generator=torch.Generator().manual_seed(0))
+    (path,) = write_feature_files(model, replacement, tokens, tmp_path, "tiny-clt", features={0: [3]}, progress=False)
+    data = json.loads(path.read_text())
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter="blocks.0.mlp.hook_in")
+        acts = replacement.encode(0, cache["blocks.0.mlp.hook_in"])[..., 3]
+        written = replacement.decoder(0, 0)[3] + replacement.decoder(0, 1)[3]
+        lens = final_norm(model).read_direction(model.W_U.T) @ written
+    assert data["act_max"] == pytest.approx(float(acts.max()), rel=1e-4)
+    assert data["activation_frequency"] == pytest.approx(float((acts > 0).float().mean()))
+    assert data["top_logits"][0] == model.to_single_str_token(int(lens.argmax()))
