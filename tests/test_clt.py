@@ -313,3 +313,26 @@ def test_feature_files_of_clt_features(tmp_path: Path) -> None:
     assert data["act_max"] == pytest.approx(float(acts.max()), rel=1e-4)
     assert data["activation_frequency"] == pytest.approx(float((acts > 0).float().mean()))
     assert data["top_logits"][0] == model.to_single_str_token(int(lens.argmax()))
+
+
+@pytest.mark.parametrize("architecture", ["clt", "topk_clt"])
+def test_sparse_decode_equals_the_dense_one_in_outputs_and_gradients(architecture: str) -> None:
+    model = _model("llama3")
+    results = []
+    for impl in ("dense", "sparse"):
+        clt = random_clt(model, architecture, decoder_impl=impl).train()
+        x = torch.randn(16, clt.n_layers, D_MODEL, generator=torch.Generator().manual_seed(4))
+        acts = clt.encode(x)
+        out = clt.decode(acts)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in clt.W_dec], clt.W_enc.grad.clone()))
+    (dense, dense_dec, dense_enc), (sparse, sparse_dec, sparse_enc) = results
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+    for a, b in zip(sparse_dec, dense_dec):  # summation order differs: float32 rounding only
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sparse_enc, dense_enc, rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_decode_is_refused_for_jumprelu() -> None:
+    with pytest.raises(ValueError, match="decoder_impl='sparse' is not exact"):
+        CLT_CLASSES["jumprelu_clt"][1](d_in=D_MODEL, d_sae=D_SAE, n_layers=2, decoder_impl="sparse")

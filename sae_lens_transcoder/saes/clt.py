@@ -37,6 +37,7 @@ from torch import nn
 from typing_extensions import override
 
 from sae_lens_transcoder.saes.mixin import TranscoderConfigMixin
+from sae_lens_transcoder.saes.sparse_decode import SPARSE_DECODE_MAX_DENSITY, densest_row, sparse_decode
 
 
 @dataclass
@@ -81,6 +82,7 @@ class JumpReLUCLTConfig(TrainingCLTConfig):
 
     activation: ClassVar[str] = "jumprelu"
     inference_architecture = "jumprelu_clt"
+    sparse_decode_exact: ClassVar[bool] = False  # the threshold gradient reads inactive codes
 
     l0_coefficient: float = 1.0
     l0_warm_up_steps: int = 0
@@ -180,11 +182,32 @@ class TrainingCrossLayerTranscoder(TrainingSAE[TrainingCLTConfig]):
 
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
-        """``[..., L, d_out]``: every layer's reconstruction from all features ``[..., L, d_sae]``."""
+        """``[..., L, d_out]``: every layer's reconstruction from all features ``[..., L, d_sae]``.
+
+        Each source layer's codes are decoded into all its outputs at once; with
+        ``decoder_impl`` ``auto``/``sparse`` a sparse enough layer goes through ``sparse_decode``
+        (the same result and gradients, touching only the active decoder rows).
+        """
         out = self.b_dec.expand(*feature_acts.shape[:-2], -1, -1).clone()
         for i, decoder in enumerate(self.W_dec):
-            out[..., i:, :] += torch.einsum("...s,sjd->...jd", feature_acts[..., i, :], decoder)
+            acts = feature_acts[..., i, :]
+            kmax = self._sparse_decode_width(acts)
+            if kmax is None:
+                written = torch.einsum("...s,sjd->...jd", acts, decoder)
+            else:
+                flat = sparse_decode(acts.reshape(-1, acts.shape[-1]), decoder.flatten(1), kmax)
+                written = flat.reshape(*acts.shape[:-1], *decoder.shape[1:])
+            out[..., i:, :] += written
         return out
+
+    def _sparse_decode_width(self, acts: torch.Tensor) -> int | None:
+        impl = self.cfg.decoder_impl
+        if impl == "dense" or not self.cfg.sparse_decode_exact:
+            return None
+        kmax = densest_row(acts.reshape(-1, acts.shape[-1]))
+        if impl == "auto" and kmax > SPARSE_DECODE_MAX_DENSITY * self.cfg.d_sae:
+            return None
+        return kmax
 
     def decoder_norms(self) -> torch.Tensor:
         """``[L, d_sae]``: each feature's decoder norm over every layer it writes to."""
