@@ -38,7 +38,6 @@ from sae_lens_transcoder.circuits.graph_json import display_token
 from sae_lens_transcoder.circuits.nodes import KINDS, Node
 from sae_lens_transcoder.circuits.paths import Path as CircuitPath
 from sae_lens_transcoder.circuits.trace import Trace, final_norm
-from sae_lens_transcoder.circuits.weights import decoder_directions
 
 #: Colour and marker of each kind (markers as matplotlib names; the SVG draws the same shapes).
 KIND_STYLES: dict[str, tuple[str, str]] = {
@@ -101,13 +100,13 @@ def format_paths(paths: Sequence[CircuitPath], tokens: Sequence[str]) -> str:
 
 
 def logit_lens_labels(trace: Trace, nodes: Sequence[Node] | AttributionGraph, chunk: int = 256) -> dict[Node, str]:
-    """``→"token"`` for every feature node: the top token of its decoder row through the
+    """``→"token"`` for every feature node: the top token of its decoder row(s) through the
     final norm's weight and the unembedding (``weights.logit_lens``, here for many features at
     once: the decoder of each layer is built once), what the feature most directly promotes."""
     nodes = nodes.nodes if isinstance(nodes, AttributionGraph) else nodes
     wanted: dict[int, set[int]] = defaultdict(set)
     for node in nodes:
-        if node.kind == "feature" and node.layer in trace.splices:
+        if node.kind == "feature" and node.layer in trace.feature_acts:
             wanted[node.layer].add(node.index)
     if not wanted:
         return {}
@@ -117,7 +116,8 @@ def logit_lens_labels(trace: Trace, nodes: Sequence[Node] | AttributionGraph, ch
         names: dict[tuple[int, int], str] = {}
         for layer, indices in wanted.items():
             ordered = sorted(indices)
-            decoder = decoder_directions(trace.splices[layer])
+            # Everything the layer's features write (every later layer, for a cross-layer transcoder).
+            decoder = sum(d for (source, _), d in trace.decoders.items() if source == layer)
             for start in range(0, len(ordered), chunk):
                 part = ordered[start : start + chunk]
                 for index, token in zip(part, (decoder[part] @ readers.T).argmax(-1).tolist()):
