@@ -281,3 +281,27 @@ def test_default_hooks_are_the_mlps_input_and_the_post_normed_output(family: str
     torch.testing.assert_close(y, cache["blocks.1.hook_mlp_out"], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"Use hook_name='blocks\.1\.mlp\.hook_in'"):
         validate_transcoder_hooks(model, "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out", model.cfg.d_model, model.cfg.d_model)
+
+
+def test_attribute_on_a_local_qwen3_checkpoint(tmp_path: Path) -> None:
+    """The command end to end on a Qwen3 Hugging Face directory: the model loads offline
+    through TransformerLens's converters and the graph's root is the model's own logit gap."""
+    import json
+
+    from sae_lens_transcoder.cli import main
+    from tests.family_models import TOKENIZER
+
+    hf_model, model = build_family_pair("qwen3")
+    checkpoint = tmp_path / "tiny-qwen3"
+    hf_model.save_pretrained(checkpoint)
+    TOKENIZER.save_pretrained(checkpoint)
+    paths = []
+    for tc in _transcoders(model, "qwen3", kind="relu"):
+        tc.cfg.metadata.model_name = str(checkpoint)
+        tc.save_model(tmp_path / f"tc{len(paths)}")
+        paths.append(str(tmp_path / f"tc{len(paths)}"))
+    out = tmp_path / "graph"
+    main(["attribute", "--transcoders", *paths, "--prompt", "To be, or not to be", "--out", str(out), "--max-expansions", "8"])
+    with torch.no_grad():
+        top2 = model(model.to_tokens("To be, or not to be"))[0, -1].topk(2).values
+    assert json.loads((out / "summary.json").read_text())["root_value"] == pytest.approx(float(top2[0] - top2[1]), rel=1e-4)
