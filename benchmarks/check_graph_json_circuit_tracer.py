@@ -172,7 +172,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| `{r['file']}` | {r['nodes']} | {r['links']} | {'yes' if r['validates'] else 'NO'} | "
+            f"| `{Path(r['file']).name}` | {r['nodes']} | {r['links']} | {'yes' if r['validates'] else 'NO'} | "
             f"{'yes' if r['round_trip'] else 'NO'} | {r.get('hidden_at_threshold', '-')} | "
             f"{', '.join(r.get('feature_types', []))} | {'; '.join(r['problems']) or 'none'} |"
         )

@@ -23,7 +23,7 @@ from transformer_lens import HookedTransformer
 
 from sae_lens_transcoder.circuits import logit_target, trace_prompt
 from sae_lens_transcoder.circuits.dashboard import feature_dashboard, save_dashboard_html
-from sae_lens_transcoder.circuits.graph import build_graph, prune
+from sae_lens_transcoder.circuits.graph import build_graph
 from sae_lens_transcoder.circuits.graph_json import save_graph_json
 from sae_lens_transcoder.circuits.graph_plot import format_paths, save_graph_html, save_graph_png
 from sae_lens_transcoder.circuits.paths import find_paths
@@ -112,13 +112,13 @@ def main() -> None:
     paths = find_paths(trace, root, num_iters=4, num_branches=12)
     listing = format_paths(paths[:25], tokens)
     (out / "paths.txt").write_text(listing + "\n")
-    graph = prune(build_graph(trace, root, max_expansions=96), node_threshold=args.node_threshold, edge_threshold=0.9)
+    graph = build_graph(trace, root, max_expansions=96)  # unpruned: the writers prune it themselves
     label = f"{TWO} − {ONE}"
     save_graph_json(graph, out / "graph.json", trace=trace, prompt=prompt, target_token=model.to_single_token(TWO), target_label=label,
-                    scan=[str(d) for d in dirs], node_threshold=args.node_threshold)
+                    scan=[str(d) for d in dirs], node_threshold=args.node_threshold, edge_threshold=0.9)
     title = f"SmolLM2-135M: {prompt!r} -> {label}"
     save_graph_html(graph, out / "graph.html", title=title, max_edges=args.max_edges)
-    save_graph_png(graph, out / "graph.png", title=title, max_edges=args.max_edges, dpi=60)
+    save_graph_png(graph, out / "graph.png", title=title, max_edges=args.max_edges)
 
     studies = [_ablation_study(model, splices, p, args.top_n, args.n_random, args.seed) for p in PROMPTS]
     heldout = heldout_tokens(model, load_heldout_split("embedded"), 64, 8192, True)

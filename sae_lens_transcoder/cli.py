@@ -18,9 +18,10 @@ from sae_lens.util import get_special_token_ids
 import sae_lens_transcoder  # noqa: F401  (registers architecture="transcoder")
 from sae_lens_transcoder.circuits.command import attribute
 from sae_lens_transcoder.config_io import runner_config_from_args
+from sae_lens_transcoder.convert import UnsafePickleError, convert_pchlenski_transcoder
 from sae_lens_transcoder.distributed import PeerFailure, process_group_from_env
-from sae_lens_transcoder.distributed.launch import resume_latest
 from sae_lens_transcoder.distributed.data import rank_share
+from sae_lens_transcoder.distributed.launch import resume_latest
 from sae_lens_transcoder.distributed.world import DEFAULT_TIMEOUT_S, World
 from sae_lens_transcoder.evals import evaluate_spliced
 from sae_lens_transcoder.export.circuit_tracer import export_circuit_tracer
@@ -30,7 +31,8 @@ from sae_lens_transcoder.loading import load_model_for, load_transcoders
 from sae_lens_transcoder.plots import plot_feature_density
 from sae_lens_transcoder.report import format_table, heldout_tokens, load_heldout_split
 from sae_lens_transcoder.splicing import as_splices
-from sae_lens_transcoder.validation import check_number, check_splices_fit_model, exit_on_bad_input
+from sae_lens_transcoder.saes.clt_files import is_clt_dir, load_clt
+from sae_lens_transcoder.validation import check_number, check_replacement_fits_model, check_splices_fit_model, exit_on_bad_input
 from sae_lens_transcoder.training.activations_store import NonFiniteActivationsError
 from sae_lens_transcoder.training.trainer import NonFiniteLossError, TrainingInterrupted
 from sae_lens_transcoder.viewer.command import serve
@@ -85,7 +87,7 @@ def train(argv: Sequence[str]) -> dict[str, Any]:
             start = time.perf_counter()
             runner = TranscoderTrainingRunner(cfg, overwrite_output=ours.overwrite)
         try:
-            sae = runner.run()
+            runner.run()
         except TrainingInterrupted as stop:
             print(f"sae-lens-transcoder train: {stop}", file=sys.stderr)
             raise SystemExit(128 + (stop.signal_number or 0)) from None
@@ -95,10 +97,10 @@ def train(argv: Sequence[str]) -> dict[str, Any]:
             raise SystemExit(f"sae-lens-transcoder train: {error}") from None
     if not world.is_writer:
         return {"rank": world.rank, "output_path": cfg.output_path}
-    return _report_training(runner, sae, cfg, ours, start)
+    return _report_training(runner, cfg, ours, start)
 
 
-def _report_training(runner: TranscoderTrainingRunner, sae: Any, cfg: Any, ours: argparse.Namespace, start: float) -> dict[str, Any]:
+def _report_training(runner: TranscoderTrainingRunner, cfg: Any, ours: argparse.Namespace, start: float) -> dict[str, Any]:
     """The summary table, held-out evaluation and JSON of a finished run (rank 0's job)."""
     wall = time.perf_counter() - start
     summary: dict[str, Any] = {
@@ -113,7 +115,7 @@ def _report_training(runner: TranscoderTrainingRunner, sae: Any, cfg: Any, ours:
         tokens = heldout_tokens(runner.model, heldout, cfg.context_size, ours.eval_tokens, cfg.prepend_bos)  # type: ignore[arg-type]
         metrics = evaluate_spliced(
             runner.model,  # type: ignore[arg-type]
-            [sae],
+            runner.build_replacement(),
             tokens,
             exclude_special_tokens=runner.activations_store.exclude_special_tokens,
         )
@@ -136,7 +138,7 @@ def evaluate(argv: Sequence[str]) -> dict[str, Any]:
         prog="sae-lens-transcoder evaluate",
         description="Evaluate transcoders spliced into their model, one at a time and all together.",
     )
-    parser.add_argument("paths", nargs="+", help="SAELens-format directories or release/sae_id")
+    parser.add_argument("paths", nargs="+", help="SAELens-format directories or release/sae_id, or one cross-layer transcoder directory")
     parser.add_argument("--model", help="model name (default: the transcoders' metadata.model_name)")
     parser.add_argument("--dataset", help="dataset with a held-out split (default: the metadata's dataset_path)")
     parser.add_argument("--split", help="held-out split name (default: test, else validation)")
@@ -156,14 +158,21 @@ def _evaluate(args: argparse.Namespace, world: World) -> dict[str, Any]:
     with exit_on_bad_input("evaluate"):
         check_number("--n-tokens", args.n_tokens, integer=True, minimum=1)
         check_number("--context-size", args.context_size, integer=True, minimum=1, optional=True)
-        names, transcoders = map(list, zip(*load_transcoders(args.paths, args.device)))
-        meta = transcoders[0].cfg.metadata
+        clt = load_clt(args.paths[0], args.device) if len(args.paths) == 1 and is_clt_dir(Path(args.paths[0]).expanduser()) else None
+        if clt is not None:  # one model over all its layers: evaluated all replaced, per layer inside
+            names, transcoders, meta = args.paths, [], clt.clt.cfg.metadata
+        else:
+            names, transcoders = map(list, zip(*load_transcoders(args.paths, args.device)))
+            meta = transcoders[0].cfg.metadata
         model_name = args.model or meta.model_name
         dataset_path = args.dataset or meta.dataset_path
         if not model_name or not dataset_path:
             raise ValueError("give --model and --dataset (the transcoder's metadata lacks model_name or dataset_path)")
         model = load_model_for(model_name, meta, args.device)
-        check_splices_fit_model(model, as_splices(transcoders), model_name, labels=names)
+        if clt is None:
+            check_splices_fit_model(model, as_splices(transcoders), model_name, labels=names)
+        else:
+            check_replacement_fits_model(model, clt)
         context = args.context_size or meta.context_size or 128
         if context > model.cfg.n_ctx:
             raise ValueError(f"context size {context} is longer than {model_name!r}'s n_ctx={model.cfg.n_ctx}: pass --context-size {model.cfg.n_ctx}")
@@ -173,6 +182,8 @@ def _evaluate(args: argparse.Namespace, world: World) -> dict[str, Any]:
     exclude = None if args.keep_special_tokens else get_special_token_ids(model.tokenizer)  # type: ignore[arg-type]
     rows: list[dict[str, Any]] = []
     settings = dict(exclude_special_tokens=exclude, batch_size=EVAL_BATCH_SIZE, sum_over_ranks=world.is_distributed)
+    if clt is not None:
+        rows.append({"name": f"{names[0]} (all {len(clt.layers)} layers)", **evaluate_spliced(model, clt, tokens, **settings)})  # type: ignore[arg-type]
     for path, tc in zip(names, transcoders):
         rows.append({"name": path, **evaluate_spliced(model, [tc], tokens, **settings)})  # type: ignore[arg-type]
     if len(transcoders) > 1:
@@ -184,7 +195,7 @@ def _evaluate(args: argparse.Namespace, world: World) -> dict[str, Any]:
     if args.plots:
         out = Path(args.plots)
         out.mkdir(parents=True, exist_ok=True)
-        for i, row in enumerate(rows[: len(transcoders)]):
+        for i, row in enumerate(rows[: max(len(transcoders), 1)]):
             plot_feature_density(row["feature_density"], out / f"feature_density_{i}.png", title=row["name"])
     if args.json:
         Path(args.json).write_text(json.dumps(_jsonable(result), indent=2))
@@ -221,10 +232,32 @@ def export(argv: Sequence[str]) -> Path:
     return out
 
 
+CONVERT_FORMATS = ("pchlenski",)
+
+
+def convert(argv: Sequence[str]) -> Path:
+    parser = argparse.ArgumentParser(
+        prog="sae-lens-transcoder convert",
+        description="Turn another tool's transcoder file into a SAELens directory (loads with SAE.load_from_disk).",
+    )
+    parser.add_argument("format", choices=CONVERT_FORMATS, help="pchlenski: the paper's pickled GPT-2 transcoders")
+    parser.add_argument("path", help="the file to convert (read as tensors only; nothing in it is run)")
+    parser.add_argument("--out", required=True, help="the SAELens directory to write")
+    args = parser.parse_args(argv)
+    with exit_on_bad_input("convert"):
+        try:
+            out = convert_pchlenski_transcoder(args.path, args.out)
+        except UnsafePickleError as e:  # a refused file is bad input too
+            raise ValueError(str(e)) from e
+    print(f"wrote {out}")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
-        "train": train, "evaluate": evaluate, "export": export, "attribute": attribute, "features": features, "serve": serve,
+        "train": train, "evaluate": evaluate, "export": export, "convert": convert, "attribute": attribute,
+        "features": features, "serve": serve,
     }
     if not argv or argv[0] not in commands:
         print(f"usage: sae-lens-transcoder {{{','.join(commands)}}} [options]", file=sys.stderr)

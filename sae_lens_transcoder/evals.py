@@ -15,9 +15,9 @@ from sae_lens.saes.sae import SAE
 from transformer_lens import HookedTransformer
 
 from sae_lens_transcoder.distributed.collectives import all_reduce_
-from sae_lens_transcoder.replacement import PerLayerTranscoders, as_replacement_set
+from sae_lens_transcoder.replacement import ReplacementSet, as_replacement_set
 from sae_lens_transcoder.splicing import Splice, ablated, spliced
-from sae_lens_transcoder.validation import check_splices_fit_model
+from sae_lens_transcoder.validation import check_replacement_fits_model
 
 DENSE_FEATURE_FREQUENCY = 0.1
 
@@ -111,7 +111,7 @@ def _batches(tokens: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> 
 @torch.no_grad()
 def evaluate_spliced(
     model: HookedTransformer,
-    transcoders: PerLayerTranscoders | Sequence["SAE | Splice"],  # type: ignore[type-arg]
+    transcoders: ReplacementSet | Sequence["SAE | Splice"],  # type: ignore[type-arg]
     tokens: torch.Tensor | Iterable[torch.Tensor],
     exclude_special_tokens: Sequence[int] | torch.Tensor | None = None,
     batch_size: int = 8,
@@ -135,7 +135,7 @@ def evaluate_spliced(
     n_positions = 0
     hooks = sorted({h for layer in layers for h in (replacement.hook_in(layer), replacement.hook_out(layer))})
     outs = [replacement.hook_out(layer) for layer in layers]
-    check_splices_fit_model(model, list(replacement.splices.values()))
+    check_replacement_fits_model(model, replacement)
     for batch in _batches(tokens, batch_size):
         batch = batch.to(model.cfg.device)
         clean_logits, cache = model.run_with_cache(batch, names_filter=hooks)

@@ -35,7 +35,8 @@ from sae_lens_transcoder.distributed.collectives import all_ranks_ok
 from sae_lens_transcoder.distributed.config import prepare_config_for_world
 from sae_lens_transcoder.hooks import chosen_input_hook, hook_layer, mlp_out_hook, validate_transcoder_hooks
 from sae_lens_transcoder.layer_spec import parse_mlp_layers
-from sae_lens_transcoder.replacement import PerLayerTranscoders, Splice
+from sae_lens_transcoder.replacement import PerLayerTranscoders, ReplacementSet, Splice
+from sae_lens_transcoder.saes.clt import is_clt_architecture
 from sae_lens_transcoder.replacement.saving import layer_dir, write_transcoder_set
 from sae_lens_transcoder.saes.transcoder import TrainingTranscoderConfig
 from sae_lens_transcoder.training.activations_store import TranscoderActivationsStore
@@ -93,6 +94,16 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
     ``override_saes`` a set's (keyed by layer).
     """
 
+    def __new__(cls, cfg: LanguageModelSAERunnerConfig[Any], *args: Any, **kwargs: Any) -> "TranscoderTrainingRunner":  # noqa: ARG003
+        # A cross-layer transcoder trains through its own runner; the architecture picks it, so
+        # ``TranscoderTrainingRunner(cfg)`` works for every architecture (imported here: it
+        # subclasses this module's runner).
+        from sae_lens_transcoder.training.clt_runner import CrossLayerTranscoderTrainingRunner
+
+        if cls is TranscoderTrainingRunner and is_clt_architecture(cfg.sae.architecture()):
+            cls = CrossLayerTranscoderTrainingRunner
+        return super().__new__(cls)
+
     def __init__(
         self,
         cfg: LanguageModelSAERunnerConfig[TrainingTranscoderConfig],
@@ -126,9 +137,7 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         for transcoder in self.transcoders.values():
             transcoder.to(cfg.device)
         self.sae = next(iter(self.transcoders.values()))
-        self.replacement = PerLayerTranscoders(
-            [Splice(tc, *self.hooks[layer]) for layer, tc in self.transcoders.items()]
-        )
+        self.replacement = self.build_replacement()
         self.activations_store = TranscoderActivationsStore.from_runner_config(
             self.model, cfg, self.replacement.batch_layout, override_dataset=override_dataset
         )
@@ -172,14 +181,14 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
             ahead = 1 if isinstance(cfg.prefetch_llm_batches, bool) else cfg.prefetch_llm_batches
             source = PrefetchingIterator(source, prefetch=ahead)
         self.data_position = TrackedBatches(source, start, self._split_batch)
-        names = [trainer_name(layer) for layer in self.layers]
+        saes = self._trainer_saes()
         stop = StopSignals()
         try:
             set_trainer = DataParallelSetTrainer if self.world.is_distributed else TranscoderSetTrainer
             self.trainer = set_trainer(
                 cfg=cfg.to_sae_trainer_config(),
-                saes=dict(zip(names, self.transcoders.values())),
-                hook_names={name: name for name in names},
+                saes=saes,
+                hook_names={name: name for name in saes},
                 data_provider=self.data_position,
                 evaluator=self.evaluator,
                 save_checkpoint_fn=self.save_checkpoint,
@@ -195,10 +204,24 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
                 self._save_final_outputs_once(cfg.output_path)
             if cfg.logger.log_to_wandb:
                 wandb.finish()
-            return dict(self.transcoders) if self.is_set else self.sae
+            return self._result()
         finally:
             if isinstance(source, PrefetchingIterator):
                 source.close()
+
+    def _write_inference_view(self, sae: TrainingSAE[Any], scale: float, directory: Path) -> None:
+        write_inference_view(sae, scale, directory)
+
+    def build_replacement(self) -> ReplacementSet:
+        """The transcoders as a replacement set, as they are now (e.g. after ``run``)."""
+        return PerLayerTranscoders([Splice(tc, *self.hooks[layer]) for layer, tc in self.transcoders.items()])
+
+    def _trainer_saes(self) -> dict[str, TrainingSAE[Any]]:
+        """What the trainer trains, by name (checkpoint sub-directory, wandb prefix)."""
+        return {trainer_name(layer): transcoder for layer, transcoder in self.transcoders.items()}
+
+    def _result(self) -> Any:
+        return dict(self.transcoders) if self.is_set else self.sae
 
     def _split_batch(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
         """A packed batch as each transcoder's ``[mlp_in | mlp_out]`` columns (views)."""
@@ -301,7 +324,7 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
             return
         super().save_checkpoint(checkpoint_path)
         for name, trainer in self.trainer.trainers.items():
-            write_inference_view(trainer.sae, trainer.activation_scaler.scaling_factor or 1.0, Path(checkpoint_path) / name)
+            self._write_inference_view(trainer.sae, trainer.activation_scaler.scaling_factor or 1.0, Path(checkpoint_path) / name)
         marker = Path(checkpoint_path) / CHECKPOINT_COMPLETE_FILENAME
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps({"complete": True}))

@@ -12,7 +12,8 @@ from transformer_lens import HookedTransformer
 
 from sae_lens_transcoder.export.circuit_tracer import CONFIG_FILE, load_circuit_tracer_transcoders
 from sae_lens_transcoder.llm_transcoder_training_runner import is_offline_model, load_offline_model
-from sae_lens_transcoder.replacement import PerLayerTranscoders
+from sae_lens_transcoder.replacement import PerLayerTranscoders, ReplacementSet
+from sae_lens_transcoder.saes.clt_files import is_clt_dir, load_clt
 from sae_lens_transcoder.replacement.saving import MANIFEST_FILE
 from sae_lens_transcoder.validation import check_transcoder_dir
 
@@ -46,8 +47,11 @@ def load_transcoders(specs: Sequence[str], device: str = "cpu") -> list[tuple[st
     loaded: list[tuple[str, SAE[Any]]] = []
     for spec in specs:
         path = Path(spec).expanduser()
+        if is_clt_dir(path):
+            raise ValueError(f"{spec} is a cross-layer transcoder: it is not a list of per-layer transcoders (use load_transcoder_set).")
         if (path / MANIFEST_FILE).is_file() or (path / CONFIG_FILE).is_file():
             replacement = load_transcoder_set(path, device)
+            assert isinstance(replacement, PerLayerTranscoders)
             loaded += [(f"{spec} layer {layer}", replacement.transcoder(layer)) for layer in replacement.layers]
         else:
             loaded.append((spec, load_transcoder(spec, device)))
@@ -63,11 +67,14 @@ def load_model_for(name: str, metadata: Any, device: str) -> HookedTransformer:
     return HookedTransformer.from_pretrained_no_processing(name, device=device, **kwargs)
 
 
-def load_transcoder_set(path: str | Path, device: str = "cpu") -> PerLayerTranscoders:
+def load_transcoder_set(path: str | Path, device: str = "cpu") -> ReplacementSet:
     """A replacement set from a directory ``save_transcoder_set`` wrote (its manifest names one
-    SAELens transcoder directory per layer) or from a circuit-tracer transcoder set
-    (``config.yaml`` + ``layer_{i}.safetensors``, as circuit-tracer or ``export_circuit_tracer`` write)."""
+    SAELens transcoder directory per layer), a circuit-tracer transcoder set (``config.yaml`` +
+    ``layer_{i}.safetensors``, as circuit-tracer or ``export_circuit_tracer`` write), or a
+    cross-layer transcoder in circuit-tracer's CLT layout (ours or its own)."""
     root = Path(path).expanduser()
+    if is_clt_dir(root):
+        return load_clt(root, device)
     manifest = root / MANIFEST_FILE
     if manifest.is_file():
         entries = json.loads(manifest.read_text())["layers"]

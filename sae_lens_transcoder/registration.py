@@ -10,6 +10,7 @@ from sae_lens.registry import (
     register_sae_training_class,
 )
 
+from sae_lens_transcoder.saes.clt import CLT_CLASSES
 from sae_lens_transcoder.saes.topk_transcoder import INFERENCE_CLASSES
 from sae_lens_transcoder.saes.transcoder import TRAINING_CLASSES
 
@@ -41,8 +42,8 @@ def _register(registry: dict[str, Any], register: Any, name: str, classes: tuple
 
 
 def register_training_transcoder() -> None:
-    """Every training architecture of ``TRAINING_CLASSES`` and the TopK inference classes."""
+    """Every training architecture (``TRAINING_CLASSES``, the CLTs) and the TopK inference classes."""
     for name, classes in INFERENCE_CLASSES.items():
         _register(SAE_CLASS_REGISTRY, register_sae_class, name, classes)
-    for name, classes in TRAINING_CLASSES.items():
+    for name, classes in {**TRAINING_CLASSES, **CLT_CLASSES}.items():
         _register(SAE_TRAINING_CLASS_REGISTRY, register_sae_training_class, name, classes)

@@ -20,7 +20,7 @@ from sae_lens_transcoder.replacement import PerLayerTranscoders, ReplacementSet,
 __all__ = ["Splice", "ablated", "ablated_features", "as_splices", "keep_only_features", "splice_hooks", "spliced"]
 
 HookFn = Callable[[torch.Tensor, HookPoint], torch.Tensor | None]
-Transcoders = PerLayerTranscoders | Sequence[SAE | Splice]  # type: ignore[type-arg]
+Transcoders = ReplacementSet | Sequence[SAE | Splice]  # type: ignore[type-arg]
 
 
 def _input_readers(
@@ -74,13 +74,14 @@ def spliced(
     """Replace the MLPs the transcoders were trained on, all at once; each Splice's
     ``last_feature_acts`` holds its activations of the latest run."""
     replacement = as_replacement_set(transcoders)
+    splices = replacement.splices if isinstance(replacement, PerLayerTranscoders) else {}
 
     def record(layer: int, acts: torch.Tensor) -> None:
-        replacement.splices[layer].last_feature_acts = acts
+        splices[layer].last_feature_acts = acts
 
     ensure_input_hooks(model, [replacement.hook_in(layer) for layer in replacement.layers])
-    with model.hooks(fwd_hooks=splice_hooks(replacement, use_error_term, record)):
-        yield list(replacement.splices.values())
+    with model.hooks(fwd_hooks=splice_hooks(replacement, use_error_term, record if splices else None)):
+        yield list(splices.values())
 
 
 @contextmanager
@@ -153,4 +154,4 @@ def ablated_features(
     hooks += [(replacement.hook_out(layer), lambda y, hook, layer=layer: remove(y, hook, layer)) for layer in outputs]
     ensure_input_hooks(model, [replacement.hook_in(layer) for layer in replacement.layers])
     with model.hooks(fwd_hooks=hooks):
-        yield list(replacement.splices.values())
+        yield list(replacement.splices.values()) if isinstance(replacement, PerLayerTranscoders) else []

@@ -39,8 +39,9 @@ from sae_lens_transcoder.data import resolve_dataset_path
 from sae_lens_transcoder.hooks import ensure_input_hooks, hook_layer, mlp_out_hook, probe_hooks
 from sae_lens_transcoder.layer_spec import parse_mlp_layers
 from sae_lens_transcoder.export.circuit_tracer import CONFIG_FILE as CIRCUIT_TRACER_CONFIG
-from sae_lens_transcoder.replacement import Splice
+from sae_lens_transcoder.replacement import PerLayerTranscoders, ReplacementSet, Splice
 from sae_lens_transcoder.replacement.saving import MANIFEST_FILE
+from sae_lens_transcoder.saes.clt import CLT_TRAINER_NAME
 from sae_lens_transcoder.saes.mixin import TranscoderConfigMixin
 from sae_lens_transcoder.saes.transcoder import TRAINING_CLASSES
 from sae_lens_transcoder.training.checkpoint_view import training_cfg_file
@@ -347,13 +348,14 @@ def _check_saved_sae_for_training(cfg: LanguageModelSAERunnerConfig[Any], field:
 
 
 def _saved_sae_dirs(path: Path, field: str) -> list[Path]:
-    """A checkpoint holds one ``layer_<i>`` directory per transcoder; a pretrained SAE is one."""
+    """A checkpoint holds one ``layer_<i>`` directory per transcoder (one ``clt`` directory for a
+    cross-layer transcoder); a pretrained SAE is one."""
     if field != "resume_from_checkpoint":
         return [path]
-    layers = sorted(p for p in path.iterdir() if p.is_dir() and p.name.startswith("layer_"))
+    layers = sorted(p for p in path.iterdir() if p.is_dir() and (p.name.startswith("layer_") or p.name == CLT_TRAINER_NAME))
     if not layers:
         raise FileNotFoundError(
-            f"{field}={str(path)!r} holds no layer_<i> directory: it is not a checkpoint written by "
+            f"{field}={str(path)!r} holds no layer_<i> (or {CLT_TRAINER_NAME}) directory: it is not a checkpoint written by "
             "this plugin's runner. Give a directory under the run's checkpoint_path."
         )
     return layers
@@ -420,6 +422,28 @@ def check_splices_fit_model(
                 fail(name, splice, f"reads or writes {hook!r}, which never fires in {model_label}")
             elif acts[hook].shape[-1] != width:
                 fail(name, splice, f"has {field}={width}, but {hook!r} of {model_label} has width {acts[hook].shape[-1]}")
+
+
+def check_replacement_fits_model(model: HookedTransformer, replacement: ReplacementSet) -> None:
+    """``check_splices_fit_model`` for any replacement set: every layer's hooks exist in
+    ``model``, fire, and have the set's widths."""
+    if isinstance(replacement, PerLayerTranscoders):
+        check_splices_fit_model(model, list(replacement.splices.values()))
+        return
+    ensure_input_hooks(model, [replacement.hook_in(layer) for layer in replacement.layers])
+    widths = {}
+    for layer in replacement.layers:
+        widths[replacement.hook_in(layer)] = ("d_in", replacement.d_in(layer))
+        widths[replacement.hook_out(layer)] = ("d_out", replacement.d_out(layer))
+    missing = [hook for hook in widths if hook not in model.hook_dict]
+    if missing:
+        raise ValueError(f"the replacement set reads or writes {missing}, which the model ({model.cfg.n_layers} layers) does not have.")
+    acts = probe_hooks(model, sorted(widths))
+    for hook, (field, width) in widths.items():
+        if hook not in acts:
+            raise ValueError(f"the replacement set reads or writes {hook!r}, which never fires in the model.")
+        if acts[hook].shape[-1] != width:
+            raise ValueError(f"the replacement set has {field}={width}, but {hook!r} of the model has width {acts[hook].shape[-1]}.")
 
 
 def _trained_on_hint(trained_on: str | None, model_name: str | None) -> str:

@@ -14,6 +14,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import sae_lens_transcoder  # noqa: F401  (registers the architecture)
 from sae_lens_transcoder import TrainingTranscoderConfig
+from sae_lens_transcoder.saes.clt import CLT_CLASSES
 from sae_lens_transcoder.saes.transcoder import TRAINING_CLASSES
 
 D_MODEL = 64
@@ -77,7 +78,7 @@ def token_dataset() -> Dataset:
 def runner_config(**overrides: Any) -> LanguageModelSAERunnerConfig[TrainingTranscoderConfig]:
     """A tiny run's config; ``sae={"architecture": "topk_transcoder", "k": 8, ...}`` picks the architecture."""
     sae_overrides = dict(overrides.pop("sae", {}))
-    config_class = TRAINING_CLASSES[sae_overrides.pop("architecture", "transcoder")][1]
+    config_class = {**TRAINING_CLASSES, **CLT_CLASSES}[sae_overrides.pop("architecture", "transcoder")][1]
     defaults: dict[str, Any] = {"d_in": D_MODEL, "d_sae": 256, "mlp_layer": 1}
     if "l1_coefficient" in {f.name for f in fields(config_class)}:
         defaults["l1_coefficient"] = 1e-3

@@ -1,7 +1,9 @@
 """Attribution graphs written out: viewer JSON (against its schema), head folding, HTML, PNG, path text."""
 
+import html
 import json
 import re
+import tempfile
 import struct
 from pathlib import Path
 from typing import Any
@@ -13,10 +15,12 @@ import torch
 from sae_lens_transcoder.circuits import Node, logit_target, trace_prompt
 from sae_lens_transcoder.circuits.graph import AttributionGraph, build_graph, merge_positions, prune
 from sae_lens_transcoder.circuits.graph_fold import fold_attention_heads, fold_extra_nodes
-from sae_lens_transcoder.circuits.graph_json import cantor, graph_to_json, load_graph_schema, save_graph_json
-from sae_lens_transcoder.circuits.graph_plot import format_paths, save_graph_html, save_graph_png
+from sae_lens_transcoder.circuits.graph_json import display_token, graph_to_json, load_graph_schema, save_graph_json
+from sae_lens_transcoder.circuits.graph_plot import KIND_NAMES, _layout, format_paths, logit_lens_labels, save_graph_html, save_graph_png
 from sae_lens_transcoder.circuits.paths import find_paths
 from sae_lens_transcoder.circuits.trace import Trace
+from sae_lens_transcoder.features.paths import cantor_pair
+from sae_lens_transcoder.models import load_model
 from tests.circuit_fixtures import random_transcoder
 from tests.conftest import build_model
 from tests.test_circuits_paths_graph import ANSWER, F0, F1, PROMPT, TOKEN_A, TOKEN_B, _known_circuit
@@ -38,7 +42,7 @@ def check_consistent(data: dict[str, Any]) -> None:
     for n in data["nodes"]:
         if n["feature_type"] == "cross layer transcoder":
             layer, index, pos = map(int, n["node_id"].split("_"))
-            assert (n["feature"], n["layer"], n["ctx_idx"]) == (cantor(layer, index), str(layer), pos)
+            assert (n["feature"], n["layer"], n["ctx_idx"]) == (cantor_pair(layer, index), str(layer), pos)
             assert n["jsNodeId"] == f"{layer}_{index}-0"
         elif n["feature_type"] == "mlp reconstruction error":
             assert n["node_id"] == f"{n['layer']}_-1_{n['ctx_idx']}" and n["feature"] == -1 and n["activation"] is None
@@ -85,7 +89,7 @@ def test_known_circuit_json_has_its_edges_with_their_weights(known: tuple[Trace,
     assert nodes[logit]["jsNodeId"] == f"L_{ANSWER}-4" and nodes[logit]["layer"] == "3"
     assert nodes[logit]["token_prob"] == pytest.approx(float(trace.logits[4].softmax(-1)[ANSWER]))
     assert nodes[logit]["influence"] is None and nodes[f1]["activation"] == pytest.approx(1.0)
-    assert nodes[f0]["feature"] == cantor(0, F0) and nodes[f1]["feature"] == cantor(1, F1)
+    assert nodes[f0]["feature"] == cantor_pair(0, F0) and nodes[f1]["feature"] == cantor_pair(1, F1)
     assert nodes[embed_a]["feature_type"] == "embedding" and nodes[embed_a]["feature"] == 4
     assert nodes[embed_a]["jsNodeId"] == f"E_{TOKEN_A}-4"
     assert nodes[head]["feature_type"] == "attention head" and nodes[head]["activation"] is None
@@ -155,23 +159,66 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def test_html_and_png_pictures(
+def _drawn_nodes(text: str) -> list[str]:
+    return re.findall(r'class="node[ "]', text)
+
+
+def test_html_and_png_pictures_draw_the_pruned_graph_labelled(
     known: tuple[Trace, AttributionGraph], random_graph: tuple[Trace, AttributionGraph], tmp_path: Path
 ) -> None:
-    for name, graph in (("known", known[1]), ("random", prune(random_graph[1], 0.8, 0.98))):
-        html_path = save_graph_html(graph, tmp_path / f"{name}.html")
-        text = html_path.read_text(encoding="utf-8")
-        assert text.startswith("<!DOCTYPE html>") and text.count("<svg") == 1
-        assert len(re.findall(r'<circle class="node', text)) == len(graph.nodes)
-        assert len(re.findall(r'<path class="edge"', text)) == len(graph.edges)
+    full = random_graph[1]
+    drawn = prune(full, 0.8, 0.98, max_nodes=60)
+    assert len(full.nodes) > 100 and len(drawn.nodes) <= 61
+    for name, graph, expected in (("known", known[1], prune(known[1], 0.8, 0.98)), ("random", full, drawn)):
+        text = save_graph_html(graph, tmp_path / f"{name}.html").read_text(encoding="utf-8")
+        assert text.startswith("<!DOCTYPE html>") and text.count("<svg") == 1 and 'width="1920"' in text
+        assert len(_drawn_nodes(text)) == len(expected.nodes)  # the pruned graph within the node budget
+        assert len(re.findall(r'<path class="edge"', text)) == len(expected.edges)
         assert "http" not in text.lower() and "<script src" not in text
         assert 'class="node root"' in text and "influence: " in text
+        captions = re.findall(r'class="caption">([^<]*)<', text)
+        assert len(captions) == len(expected.nodes)  # every node labelled
+        for node in expected.nodes:
+            if node.kind == "feature":
+                assert f"L{node.layer}/{node.index}" in captions
+            elif node.kind == "head":
+                assert f"L{node.layer}.H{node.index}" in captions
+        for kind in {n.kind for n in expected.nodes}:  # a legend entry per kind drawn
+            assert f">{KIND_NAMES[kind]}</text>" in text
         width, height = _png_size(save_graph_png(graph, tmp_path / f"{name}.png"))
-        assert width > 100 and height > 100 and (tmp_path / f"{name}.png").stat().st_size > 1000
+        assert width == 1920 and height > 200 and (tmp_path / f"{name}.png").stat().st_size > 1000
+    # A head sits in its destination token's column, whatever token it reads.
+    layout = _layout(drawn)
+    for node in drawn.nodes:
+        left, span, _, pos = next(c for c in layout.columns if c[3] == node.pos)
+        assert left < layout.xy[node][0] < left + span
+    assert any(n.kind == "head" and n.src != n.pos for n in drawn.nodes)
+    everything = save_graph_html(full, tmp_path / "all.html", node_threshold=None).read_text(encoding="utf-8")
+    assert len(_drawn_nodes(everything)) == len(full.nodes)
     strongest = save_graph_html(known[1], tmp_path / "top2.html", max_edges=2).read_text(encoding="utf-8")
     assert len(re.findall(r'<path class="edge"', strongest)) == 2
-    merged = merge_positions(random_graph[1])
-    assert len(re.findall(r'<circle class="node', save_graph_html(merged, tmp_path / "m.html").read_text())) == len(merged.nodes)
+    merged = merge_positions(prune(full, 0.8, 0.98))
+    text = save_graph_html(merged, tmp_path / "m.html", node_threshold=None).read_text()
+    assert len(_drawn_nodes(text)) == len(merged.nodes) and ">all</text>" in text
+
+
+def test_logit_lens_labels_name_the_top_token_of_each_feature() -> None:
+    model = load_model("tiny-gpt2")
+    transcoders = [random_transcoder(model, layer) for layer in range(model.cfg.n_layers)]
+    trace = trace_prompt(model, transcoders, "To be, or not to be")
+    graph = prune(build_graph(trace, logit_target(trace, trace.n_pos - 1, 11), max_expansions=8), 0.8, 0.98, max_nodes=20)
+    labels = logit_lens_labels(trace, graph)
+    features = [n for n in graph.nodes if n.kind == "feature"]
+    assert features and set(labels) == set(features)
+    for node in features:
+        decoder = transcoders[node.layer].W_dec[node.index].detach()
+        centred = decoder - decoder.mean()  # what the final LayerNorm reads of it: centred, times its weight
+        scores = (centred * model.ln_final.w.detach()) @ model.W_U.detach()
+        assert labels[node] == "→" + json.dumps(display_token(model.to_single_str_token(int(scores.argmax()))), ensure_ascii=False)
+    text = save_graph_html(graph, Path(tempfile.mkdtemp()) / "g.html", labels=labels, node_threshold=None).read_text(encoding="utf-8")
+    drawn = [html.unescape(t) for t in re.findall(r'class="label">([^<]*)<', text)]
+    for label in labels.values():  # under each feature, whole or cut to its slot
+        assert any(t == label or (t.endswith("…") and label.startswith(t[:-1])) for t in drawn), label
 
 
 def test_format_paths_names_nodes_with_their_tokens(known: tuple[Trace, AttributionGraph]) -> None:

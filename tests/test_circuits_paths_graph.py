@@ -132,3 +132,14 @@ def test_ablating_the_path_features_removes_exactly_their_contribution() -> None
     with pytest.raises(ValueError, match="no transcoder given for layer 1"):
         with ablated_features(model, transcoders[:1], [(1, 4, F1)]):
             pass
+
+
+def test_prune_keeps_at_most_max_nodes_of_the_most_influential() -> None:
+    model = build_model("gpt2")
+    trace = trace_prompt(model, [random_transcoder(model, layer) for layer in (0, 1)], torch.randint(1, 300, (8,)))
+    graph = build_graph(trace, logit_target(trace, 7, 5), max_expansions=60, min_influence=0.0)
+    unbounded = prune(graph, node_threshold=0.95, edge_threshold=1.0)
+    bounded = prune(graph, node_threshold=0.95, edge_threshold=1.0, max_nodes=10)
+    assert len(unbounded.nodes) > 11 and 1 < len(bounded.nodes) <= 11  # the root and up to 10 more
+    ranked = sorted((n for n in graph.influence if n != graph.root), key=lambda n: -abs(graph.influence[n]))
+    assert set(bounded.nodes) - {graph.root} <= set(ranked[:10])

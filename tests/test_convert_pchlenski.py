@@ -223,3 +223,17 @@ def test_config_disagreeing_with_weights_is_named(tmp_path: Path, paper: PaperTr
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_pchlenski_transcoder(tmp_path / "nope.pt")
+
+
+def test_convert_command_writes_a_sae_lens_directory_and_refuses_code(tmp_path: Path, release: Path, paper: PaperTranscoder, capsys: pytest.CaptureFixture[str]) -> None:
+    from sae_lens_transcoder.cli import main
+
+    main(["convert", "pchlenski", str(release), "--out", str(tmp_path / "cli-out")])
+    assert str(tmp_path / "cli-out") in capsys.readouterr().out
+    check_equal_to_paper(SAE.load_from_disk(tmp_path / "cli-out"), paper)
+    marker = tmp_path / "marker"
+    crafted = release_file(tmp_path, {"cfg": ExecsOnLoad(marker), "state_dict": paper.state_dict()})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "pchlenski", str(crafted), "--out", str(tmp_path / "refused")])
+    assert "sae-lens-transcoder convert:" in str(exit_info.value.code) and "Refused" in str(exit_info.value.code)
+    assert not marker.exists() and not (tmp_path / "refused").exists()

@@ -95,6 +95,18 @@ def test_a_two_rank_set_trains_as_one_process_does(root: Path) -> None:
     _assert_ranks_match_one_process(ranks, _train_single(root, "single-set", **layers))
 
 
+def test_a_two_rank_cross_layer_transcoder_trains_as_one_process_does(root: Path) -> None:
+    clt = {
+        "sae": {"architecture": "clt", "mlp_layer": None, "mlp_layers": "all", "d_sae": 96, "l1_coefficient": 1e-3, "normalize_activations": "none"},
+        "n_checkpoints": 0,
+        "feature_sampling_window": 1000,  # main's CLT trainer cannot reset its firing counts yet (resized after a window)
+    }
+    codes = spawn_ranks({"root": str(root), "name": "clt", "overrides": clt}, root / "clt-results")
+    assert codes == [0, 0], [p.read_text() for p in (root / "clt-results").glob("*.error")]
+    ranks = tuple(torch.load(root / "clt-results" / f"rank{rank}.pt") for rank in (0, 1))
+    _assert_ranks_match_one_process(ranks, _train_single(root, "single-clt", **clt))
+
+
 def test_batchtopk_replicas_stay_identical(root: Path) -> None:
     # BatchTopK picks the top k x batch of each rank's own batch (not the global one), so only
     # agreement is checked: its running threshold, a buffer no gradient reaches, included.

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer
 
-from sae_lens_transcoder.circuits.graph import build_graph, prune
+from sae_lens_transcoder.circuits.graph import build_graph
 from sae_lens_transcoder.circuits.graph_json import save_graph_json
 from sae_lens_transcoder.circuits.targets import resolve_target
 from sae_lens_transcoder.circuits.trace import trace_prompt
@@ -59,7 +59,7 @@ def build_viewer_folder(folder: Path, setup: Setup, options: FeatureFileOptions 
     """A served folder as a user makes it: a graph of a real trace and its feature files."""
     trace = trace_prompt(setup.model, setup.replacement, PROMPT)
     root, label = resolve_target(trace)
-    graph = prune(build_graph(trace, root, 12), 0.8, 0.98)
+    graph = build_graph(trace, root, 12)  # save_graph_json prunes it
     path = save_graph_json(graph, folder / "to-be.json", trace=trace, prompt=PROMPT, node_threshold=0.8, scan=SCAN,
                            target_token=root.node.index, target_label=label)
     write_graph_feature_files(path, setup.model, setup.replacement, setup.tokens, options=options, progress=False)

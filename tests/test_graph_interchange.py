@@ -19,11 +19,13 @@ from sae_lens_transcoder.circuits import logit_target, trace_prompt
 from sae_lens_transcoder.circuits.command import attribute
 from sae_lens_transcoder.circuits.graph import AttributionGraph, build_graph, prune
 from sae_lens_transcoder.circuits.graph_fold import ACCEPTED_KINDS, fold_extra_nodes
-from sae_lens_transcoder.circuits.graph_json import cantor, feature_file, graph_to_json, uncantor
+from sae_lens_transcoder.circuits.graph_json import graph_to_json
 from sae_lens_transcoder.circuits.nodes import Node
 from sae_lens_transcoder.circuits.portable_ids import transcoder_id
 from sae_lens_transcoder.circuits.trace import Trace
 from sae_lens_transcoder.export.circuit_tracer import export_circuit_tracer
+from sae_lens_transcoder.features.paths import cantor_pair
+from sae_lens_transcoder.features.paths import feature_file_relpath, scan_for_layer
 from sae_lens_transcoder.models import load_model
 from tests.circuit_fixtures import random_transcoder
 from tests.test_circuits_outputs import check_consistent, validate
@@ -105,7 +107,7 @@ def test_our_file_has_circuit_tracers_fields_ids_and_tokens(
     assert logit["feature"] == top["feature"] and logit["token_prob"] == pytest.approx(top["token_prob"], rel=1e-4)
     for n in theirs["cross layer transcoder"] + mine["cross layer transcoder"]:
         layer, index, pos = map(int, n["node_id"].split("_"))
-        assert n["feature"] == cantor(layer, index) and n["jsNodeId"] == f"{layer}_{index}-0" and n["ctx_idx"] == pos
+        assert n["feature"] == cantor_pair(layer, index) and n["jsNodeId"] == f"{layer}_{index}-0" and n["ctx_idx"] == pos
     assert {n["ctx_idx"] for n in mine["cross layer transcoder"]} >= {trace.n_pos - 1}
     positions = {n["ctx_idx"] for n in ours["nodes"] if n["feature_type"] != "embedding"}
     assert len(positions) > 1, "nodes upstream of heads sit at their own tokens"
@@ -176,12 +178,6 @@ def test_portable_ids_never_name_a_local_path(tmp_path: Path) -> None:
     assert "attention head" in {n["feature_type"] for n in kept_data["nodes"]}
     feature = next(n for n in kept_data["nodes"] if n["feature_type"] == "cross layer transcoder")
     layer, index, _ = map(int, feature["node_id"].split("_"))
-    assert feature_file(kept_data["metadata"], layer, index) == f"features/tiny/my-set/{feature['feature']}.json"
-    assert feature_file(data["metadata"], 1, 7) == f"features/local/layer1/{cantor(1, 7)}.json"
-
-
-def test_cantor_pairing_round_trips() -> None:
-    pairs = [(0, 0), (0, 5), (3, 0), (25, 16383), (61, 262143)]
-    assert [cantor(*p) for p in pairs[:3]] == [0, 20, 6]
-    assert all(uncantor(cantor(*p)) == p for p in pairs)
-    assert all(uncantor(cantor(layer, i)) == (layer, i) for layer in range(40) for i in range(0, 2**20, 9973))
+    # The viewer's feature files live under these ids (the feature-file writer's layout).
+    assert feature_file_relpath(scan_for_layer(kept_data["metadata"], layer), layer, index) == f"features/tiny/my-set/{feature['feature']}.json"
+    assert feature_file_relpath(scan_for_layer(data["metadata"], 1), 1, 7) == f"features/local/layer1/{cantor_pair(1, 7)}.json"

@@ -281,3 +281,36 @@ def test_default_hooks_are_the_mlps_input_and_the_post_normed_output(family: str
     torch.testing.assert_close(y, cache["blocks.1.hook_mlp_out"], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"Use hook_name='blocks\.1\.mlp\.hook_in'"):
         validate_transcoder_hooks(model, "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out", model.cfg.d_model, model.cfg.d_model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_local_checkpoints_load_offline_and_attribute_end_to_end(family: str, tmp_path: Path) -> None:
+    """A Hugging Face directory of each family loads through ``models.load_model`` (Gemma from
+    its family's official layout with the checkpoint's sizes) computing what transformers
+    computes, and the attribute command's root is the loaded model's own logit gap."""
+    import json
+
+    from sae_lens_transcoder.cli import main
+    from sae_lens_transcoder.models import load_model
+    from tests.family_models import TOKENIZER
+
+    hf_model, model = build_family_pair(family)
+    checkpoint = tmp_path / f"tiny-{family}"
+    hf_model.save_pretrained(checkpoint)
+    TOKENIZER.save_pretrained(checkpoint)
+    loaded = load_model(checkpoint)
+    tokens = _prompt()[None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), hf_model(tokens).logits, rtol=1e-4, atol=1e-5)
+    assert loaded.cfg.use_normalization_before_and_after == model.cfg.use_normalization_before_and_after
+    assert loaded.cfg.attn_types == model.cfg.attn_types and loaded.cfg.output_logits_soft_cap == model.cfg.output_logits_soft_cap
+    paths = []
+    for tc in _transcoders(model, family, kind="relu"):
+        tc.cfg.metadata.model_name = str(checkpoint)
+        tc.save_model(tmp_path / f"tc{len(paths)}")
+        paths.append(str(tmp_path / f"tc{len(paths)}"))
+    out = tmp_path / "graph"
+    main(["attribute", "--transcoders", *paths, "--prompt", "To be, or not to be", "--out", str(out), "--max-expansions", "8"])
+    with torch.no_grad():
+        top2 = loaded(loaded.to_tokens("To be, or not to be"))[0, -1].topk(2).values
+    assert json.loads((out / "summary.json").read_text())["root_value"] == pytest.approx(float(top2[0] - top2[1]), rel=1e-4)

@@ -52,7 +52,7 @@ def check_feature(d_sae_by_layer: Mapping[int, int], layer: int, feature: int) -
 @torch.no_grad()
 def feature_target(trace: Trace, layer: int, feature: int, pos: int) -> Target:
     """The pre-activation of transcoder feature ``feature`` of MLP ``layer`` at token ``pos``."""
-    check_feature({at: s.transcoder.cfg.d_sae for at, s in trace.splices.items()}, layer, feature)
+    check_feature(trace.d_sae_by_layer, layer, feature)
     norm = trace.input_norms[layer]
     direction, constant = norm.pull_back(trace.encoders[layer][:, feature], trace.scale(norm, pos))
     b_enc = trace.replacement.b_enc(layer)[feature].to(direction.dtype)

@@ -8,15 +8,20 @@ from typing import Any
 
 import torch
 
-from sae_lens_transcoder.circuits.graph import build_graph, prune
+from sae_lens_transcoder.circuits.attribution import Target
+from sae_lens_transcoder.circuits.graph import AttributionGraph, build_graph, prune
 from sae_lens_transcoder.circuits.graph_json import save_graph_json
-from sae_lens_transcoder.circuits.graph_plot import format_paths, save_graph_html, save_graph_png
+from sae_lens_transcoder.circuits.graph_plot import format_paths, logit_lens_labels, save_graph_html, save_graph_png
 from sae_lens_transcoder.circuits.paths import find_paths
 from sae_lens_transcoder.circuits.targets import check_feature_flags, resolve_target
-from sae_lens_transcoder.circuits.trace import trace_prompt
+from sae_lens_transcoder.circuits.trace import Trace, trace_prompt
+from sae_lens_transcoder.features.feature_files import write_graph_feature_files
 from sae_lens_transcoder.loading import load_model_for, load_transcoders
+from sae_lens_transcoder.replacement import PerLayerTranscoders, ReplacementSet
+from sae_lens_transcoder.report import heldout_tokens, load_heldout_split
+from sae_lens_transcoder.saes.clt_files import is_clt_dir, load_clt
 from sae_lens_transcoder.splicing import as_splices
-from sae_lens_transcoder.validation import check_splices_fit_model, exit_on_bad_input
+from sae_lens_transcoder.validation import check_number, check_replacement_fits_model, check_splices_fit_model, exit_on_bad_input
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Attribute a logit (difference) or a feature to upstream features, heads and "
         "embeddings; write the graph (viewer JSON, HTML, PNG) and print the strongest paths.",
     )
-    parser.add_argument("--transcoders", nargs="+", required=True, help="SAELens-format dirs or release/sae_id, one per layer")
+    parser.add_argument("--transcoders", nargs="+", required=True,
+                        help="SAELens-format dirs or release/sae_id, one per layer; a set directory; or one cross-layer transcoder directory")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--out", required=True, help="directory for graph.json, graph.html, graph.png, paths.txt")
     parser.add_argument("--model", help="model name (default: the transcoders' metadata.model_name)")
@@ -44,25 +50,72 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-iters", type=int, default=3, help="path search depth")
     parser.add_argument("--num-branches", type=int, default=10, help="path search beam width")
     parser.add_argument("--top-paths", type=int, default=10, help="paths printed")
+    parser.add_argument("--dashboards", action="store_true",
+                        help="also write the feature files of the graph's features (features/<scan>/<id>.json, what `serve` shows)")
+    parser.add_argument("--dataset", help="--dashboards: dataset with a held-out split (default: the metadata's dataset_path)")
+    parser.add_argument("--dashboard-tokens", type=int, default=16384, help="--dashboards: held-out tokens scanned")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
+
+
+def _load_replacement(args: argparse.Namespace) -> tuple[ReplacementSet, dict[int, str], Any, list[str] | None]:
+    """(replacement set, the spec each layer came from, metadata, per-transcoder labels or None for a CLT)."""
+    if len(args.transcoders) == 1 and is_clt_dir(Path(args.transcoders[0]).expanduser()):
+        clt = load_clt(args.transcoders[0], args.device)
+        return clt, {layer: args.transcoders[0] for layer in clt.layers}, clt.clt.cfg.metadata, None
+    loaded = [(spec, name, tc) for spec in args.transcoders for name, tc in load_transcoders([spec], args.device)]
+    splices = as_splices([tc for *_, tc in loaded])
+    specs_by_layer = {s.layer: spec for (spec, _, _), s in zip(loaded, splices)}
+    return PerLayerTranscoders(splices), specs_by_layer, loaded[0][2].cfg.metadata, [name for _, name, _ in loaded]
+
+
+def _write_feature_pages(json_path: Path, model: Any, replacement: ReplacementSet, meta: Any, args: argparse.Namespace) -> int:
+    """The feature files of the graph's features, from held-out text, beside the graph."""
+    dataset_path = args.dataset or meta.dataset_path
+    if not dataset_path:
+        raise ValueError("--dashboards needs --dataset (the transcoders' metadata names no dataset_path)")
+    context = min(meta.context_size or 128, model.cfg.n_ctx)
+    prepend_bos = meta.prepend_bos if meta.prepend_bos is not None else True
+    tokens = heldout_tokens(model, load_heldout_split(dataset_path), context, args.dashboard_tokens, prepend_bos)
+    return len(write_graph_feature_files(json_path, model, replacement, tokens))
+
+
+def _write_graph_files(
+    out: Path, full: AttributionGraph, graph: AttributionGraph, trace: Trace, root: Target, label: str, title: str,
+    specs_by_layer: dict[int, str], args: argparse.Namespace,
+) -> Path:
+    """graph.json (the unpruned graph, pruned on writing as circuit-tracer does), graph.html
+    and graph.png (the pruned graph within the pictures' node budget), features labelled by
+    their top logit-lens token; returns the JSON file."""
+    labels = logit_lens_labels(trace, graph)
+    one_logit = root.node.kind == "target" and args.token is not None and args.versus is None
+    json_path = save_graph_json(
+        full, out / "graph.json", trace=trace, prompt=args.prompt, scan=specs_by_layer,
+        node_threshold=args.node_threshold, edge_threshold=args.edge_threshold, target_label=label,
+        target_token=root.node.index if one_logit else None, keep_extra_nodes=args.keep_extra_nodes,
+        token_prob=float(trace.logits[root.node.pos].softmax(-1)[root.node.index]) if root.node.kind == "target" else None,
+        clerps={(n.layer, n.index): text for n, text in labels.items()},
+    )
+    for save, name in ((save_graph_html, "graph.html"), (save_graph_png, "graph.png")):
+        save(full, out / name, title=title, labels=labels, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
+    return json_path
 
 
 def attribute(argv: Sequence[str]) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     with exit_on_bad_input("attribute"):
-        loaded = [(spec, name, tc) for spec in args.transcoders for name, tc in load_transcoders([spec], args.device)]
-        names, transcoders = [name for _, name, _ in loaded], [tc for *_, tc in loaded]
-        splices = as_splices(transcoders)
-        specs_by_layer = {s.layer: spec for (spec, _, _), s in zip(loaded, splices)}
-        check_feature_flags(args.target, args.layer, args.feature, {s.layer: s.transcoder.cfg.d_sae for s in splices})
-        meta = transcoders[0].cfg.metadata
+        check_number("--dashboard-tokens", args.dashboard_tokens, integer=True, minimum=1)
+        replacement, specs_by_layer, meta, names = _load_replacement(args)
+        check_feature_flags(args.target, args.layer, args.feature, {layer: replacement.d_sae(layer) for layer in replacement.layers})
         model_name = args.model or meta.model_name
         if not model_name:
             raise ValueError("give --model (the transcoders' metadata names no model)")
         model = load_model_for(model_name, meta, args.device)
-        check_splices_fit_model(model, splices, model_name, labels=names)
-        trace = trace_prompt(model, transcoders, args.prompt)
+        if isinstance(replacement, PerLayerTranscoders):
+            check_splices_fit_model(model, list(replacement.splices.values()), model_name, labels=names)
+        else:
+            check_replacement_fits_model(model, replacement)
+        trace = trace_prompt(model, replacement, args.prompt)
         root, label = resolve_target(trace, args.target, args.pos, args.token, args.versus, args.layer, args.feature)
     tokens = trace.str_tokens()
     paths = find_paths(trace, root, args.num_iters, args.num_branches)
@@ -70,21 +123,18 @@ def attribute(argv: Sequence[str]) -> dict[str, Any]:
     graph = prune(full, args.node_threshold, args.edge_threshold)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    one_logit = root.node.kind == "target" and args.token is not None and args.versus is None
-    json_path = save_graph_json(
-        full, out / "graph.json", trace=trace, prompt=args.prompt, scan=specs_by_layer,
-        node_threshold=args.node_threshold, edge_threshold=args.edge_threshold, target_label=label,
-        target_token=root.node.index if one_logit else None, keep_extra_nodes=args.keep_extra_nodes,
-        token_prob=float(trace.logits[root.node.pos].softmax(-1)[root.node.index]) if root.node.kind == "target" else None,
-    )
-    title = f"{model_name}: {args.prompt!r} -> {label}"
-    save_graph_html(full, out / "graph.html", title=title)
-    save_graph_png(full, out / "graph.png", title=title)
+    json_path = _write_graph_files(out, full, graph, trace, root, label, f"{model_name}: {args.prompt!r} -> {label}", specs_by_layer, args)
     listing = format_paths(paths[: args.top_paths], tokens)
     (out / "paths.txt").write_text(listing + "\n")
+    n_pages = 0
+    if args.dashboards:
+        with exit_on_bad_input("attribute"):
+            n_pages = _write_feature_pages(json_path, model, replacement, meta, args)
+        print(f"wrote {n_pages} feature files beside {json_path} (sae-lens-transcoder serve {out})")
     print(f"target {root.node} = {graph.root_value:+.4f}; graph: {len(graph.nodes)} nodes, {len(graph.edges)} edges -> {out}")
     print(listing)
     summary = {"root": str(root.node), "root_value": graph.root_value, "n_nodes": len(graph.nodes),
-               "n_edges": len(graph.edges), "graph_json": str(json_path), "top_paths": listing.splitlines()}
+               "n_edges": len(graph.edges), "graph_json": str(json_path), "top_paths": listing.splitlines(),
+               "feature_files": n_pages}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -74,9 +74,9 @@ index), and then fetches, in order: ``{id}/{feature}.json`` relative to the page
 starts with ``./``; otherwise, if the Hugging Face repo ``id`` (read as
 ``repo[//subfolder][@revision]``) has ``features/index.json.gz``, byte ranges of the binary
 files that index names; otherwise ``./features/{id}/{feature}.json`` (which its utility
-rewrites to its CloudFront host). Our files and viewer therefore keep a feature's page at
-``features/{id}/{feature}.json`` under the graph folder (``feature_file``), in
-circuit-tracer's feature format (``frontend/feature_models.py``).
+rewrites to its CloudFront host). A graph folder therefore keeps a feature's page at
+``features/{id}/{feature}.json`` (``features.paths.feature_file_path``, which the feature-file
+writer and ``serve`` use), in circuit-tracer's feature format (``frontend/feature_models.py``).
 """
 
 import hashlib
@@ -93,6 +93,7 @@ from sae_lens_transcoder.circuits.graph_fold import ACCEPTED_KINDS, accepted_hom
 from sae_lens_transcoder.circuits.nodes import Node
 from sae_lens_transcoder.circuits.portable_ids import transcoder_id
 from sae_lens_transcoder.circuits.trace import Trace
+from sae_lens_transcoder.features.paths import cantor_pair
 
 SCHEMA_PATH = Path(__file__).with_name("graph_schema.json")
 INDEX_NAME = "graph-metadata.json"
@@ -126,36 +127,6 @@ def display_token(token: str) -> str:
     return token.translate(_TOKEN_ESCAPES)
 
 
-def cantor(layer: int, index: int) -> int:
-    """circuit-tracer's feature id: the Cantor pairing of ``(layer, index)``."""
-    return (layer + index) * (layer + index + 1) // 2 + index
-
-
-def uncantor(feature: int) -> tuple[int, int]:
-    """``(layer, index)`` from ``cantor(layer, index)``."""
-    w = (int((8 * feature + 1) ** 0.5) - 1) // 2
-    while (w + 1) * (w + 2) // 2 <= feature:  # guard against float rounding for huge ids
-        w += 1
-    while w * (w + 1) // 2 > feature:
-        w -= 1
-    index = feature - w * (w + 1) // 2
-    return w - index, index
-
-
-def feature_scan_id(metadata: Mapping[str, Any], layer: int) -> str:
-    """The id under which the viewer looks up features of ``layer`` (see the module docstring)."""
-    scan = str(metadata["scan"])
-    if scan.startswith(CUSTOM_SCAN_PREFIX):
-        return str(metadata["transcoder_list"][layer])
-    return scan
-
-
-def feature_file(metadata: Mapping[str, Any], layer: int, index: int) -> str:
-    """Where a graph folder keeps the page of feature ``index`` of ``layer``:
-    ``features/{id}/{cantor(layer, index)}.json`` (relative to the folder)."""
-    return f"features/{feature_scan_id(metadata, layer)}/{cantor(layer, index)}.json"
-
-
 def load_graph_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) that ``graph_to_json``'s output satisfies."""
     return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
@@ -171,7 +142,7 @@ def _check_positions(graph: AttributionGraph) -> None:
 
 def _feature_code(node: Node, n_tokens: int) -> int:
     if node.kind == "feature":
-        return cantor(node.layer, node.index)
+        return cantor_pair(node.layer, node.index)
     if node.kind == "error":
         return -1
     if node.kind == "embed":
@@ -269,6 +240,27 @@ def _prompt_tokens(graph: AttributionGraph, trace: Trace | None) -> list[str]:
     return [str(tokenizer.decode([token])) for token in graph.token_ids]
 
 
+def _absorbed_kinds(graph: AttributionGraph) -> dict[Node, set[str]]:
+    """The kinds ``fold_extra_nodes`` merges into each accepted node (for its label)."""
+    passed_through = {dst for _, dst in graph.edges if dst.kind == "head"}
+    absorbed: dict[Node, set[str]] = defaultdict(set)
+    for node in graph.influence:
+        if node != graph.root and node.kind not in ACCEPTED_KINDS and node not in passed_through:
+            absorbed[accepted_home(node)].add(node.kind)
+    return absorbed
+
+
+def _logit_id(graph: AttributionGraph, trace: Trace | None, target_token: int | None) -> int:
+    """The logit node's vocabulary id: the token, or circuit-tracer's virtual id ``d_vocab + 0``."""
+    if graph.root.kind != "target":
+        return -1
+    if target_token is not None:
+        return int(target_token)
+    if trace is None:
+        raise ValueError("target_token: give the root's token id, or trace= for a logit-difference root's virtual id.")
+    return int(trace.model.cfg.d_vocab)
+
+
 def _token_string(trace: Trace | None, token: int) -> str:
     if trace is None or trace.model.tokenizer is None:
         return f"<{token}>"
@@ -305,23 +297,15 @@ def graph_to_json(
     folding them.
     """
     _check_positions(graph)
-    folded: dict[Node, set[str]] = defaultdict(set)  # what each accepted node absorbs, for its label
+    folded: dict[Node, set[str]] = defaultdict(set)
     if not keep_extra_nodes:
-        passed_through = {dst for _, dst in graph.edges if dst.kind == "head"}
-        for node in graph.influence:
-            if node != graph.root and node.kind not in ACCEPTED_KINDS and node not in passed_through:
-                folded[accepted_home(node)].add(node.kind)
+        folded = _absorbed_kinds(graph)
         graph = fold_extra_nodes(graph)
     shares = _cumulative_influence(graph)
     pruned = graph if node_threshold is None else prune(graph, node_threshold, edge_threshold)
     labels = clerps or {}
     n_tokens = len(graph.tokens)
-    if graph.root.kind == "target":
-        if target_token is None and trace is None:
-            raise ValueError("target_token: give the root's token id, or trace= for a logit-difference root's virtual id.")
-        logit_id = int(trace.model.cfg.d_vocab) if target_token is None else int(target_token)  # type: ignore[union-attr]
-    else:
-        logit_id = -1
+    logit_id = _logit_id(graph, trace, target_token)
     if token_prob is None:
         token_prob = 0.0
         if trace is not None and target_token is not None:

@@ -34,4 +34,4 @@ def transcoder_id(spec: str) -> str:
         scan = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("scan")
         if isinstance(scan, str) and scan and not _is_local_path(scan):
             return scan
-    return LOCAL_PREFIX + path.resolve().name
+    return LOCAL_PREFIX + Path(os.path.abspath(path)).name  # the name given, not a symlink's target

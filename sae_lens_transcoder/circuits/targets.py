@@ -39,7 +39,7 @@ def resolve_target(
         raise ValueError(f"pos={pos} is outside the prompt's {trace.n_pos} tokens.")
     pos %= trace.n_pos
     if kind == "feature":
-        check_feature_flags(kind, layer, feature, {at: s.transcoder.cfg.d_sae for at, s in trace.splices.items()})
+        check_feature_flags(kind, layer, feature, trace.d_sae_by_layer)
         assert layer is not None and feature is not None
         return feature_target(trace, layer, feature, pos), f"L{layer} feature {feature}"
     if kind != "logit":

@@ -20,7 +20,7 @@ from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from sae_lens_transcoder.circuits.norms import FrozenNorm, frozen_norm
 from sae_lens_transcoder.hooks import ensure_input_hooks, mlp_out_hook
 from sae_lens_transcoder.replacement import PerLayerTranscoders, ReplacementSet, Splice, as_replacement_set
-from sae_lens_transcoder.validation import check_splices_fit_model
+from sae_lens_transcoder.validation import check_replacement_fits_model
 
 SITE_KINDS = ("attn", "mlp", "final")
 _CHECK_RTOL = 1e-3
@@ -119,6 +119,11 @@ class Trace:
         if not isinstance(self.replacement, PerLayerTranscoders):
             raise TypeError(f"{type(self.replacement).__name__} is not a per-layer set: use trace.replacement.")
         return self.replacement.splices
+
+    @property
+    def d_sae_by_layer(self) -> dict[int, int]:
+        """How many features read at each replaced layer."""
+        return {layer: self.replacement.d_sae(layer) for layer in self.replacement.layers}
 
     @property
     def n_pos(self) -> int:
@@ -221,8 +226,7 @@ def trace_prompt(
         if replacement.hook_out(layer) != mlp_out_hook(layer):
             raise ValueError(f"transcoder hook_name_out={replacement.hook_out(layer)!r}: circuits need {mlp_out_hook(layer)!r}.")
     ensure_input_hooks(model, [replacement.hook_in(layer) for layer in replacement.layers])
-    if isinstance(replacement, PerLayerTranscoders):  # the model check takes Splices
-        check_splices_fit_model(model, list(replacement.splices.values()))
+    check_replacement_fits_model(model, replacement)
     names = _cached_names(model, replacement)
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n in names)

@@ -17,9 +17,11 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.loading_from_pretrained import (
+    convert_hf_model_config,
     get_pretrained_model_config,
     get_pretrained_state_dict,
 )
+from transformer_lens.pretrained.weight_conversions.gemma import convert_gemma_weights
 from transformer_lens.utilities.quantization import quantization_method
 from transformers import (
     AutoModelForCausalLM,
@@ -73,11 +75,55 @@ def _config_dir(hf_config: PretrainedConfig) -> Iterator[str]:
         yield tmp
 
 
+# TransformerLens builds Gemma 2/3 configs only from official names: a local checkpoint takes
+# the official layout of its family with its own sizes (``_gemma_config``).
+_GEMMA_TEMPLATES = {"Gemma2ForCausalLM": "google/gemma-2-2b", "Gemma3ForCausalLM": "google/gemma-3-1b-pt"}
+
+
+def _architecture(hf_config: PretrainedConfig) -> str:
+    return (hf_config.architectures or [""])[0]
+
+
+def _gemma_config(hf_config: PretrainedConfig, **kwargs: Any) -> HookedTransformerConfig:
+    """A local Gemma 2/3 checkpoint's TransformerLens config: its family's official layout
+    (post-norms, soft-caps, local/global attention) with the checkpoint's own sizes."""
+    c = hf_config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if getattr(c, "query_pre_attn_scalar", head_dim) != head_dim:
+        raise ValueError(
+            f"query_pre_attn_scalar={c.query_pre_attn_scalar} differs from head_dim={head_dim}: TransformerLens's "
+            "Gemma layout scales attention by head_dim; load this model by its official name instead."
+        )
+    cfg = convert_hf_model_config(_GEMMA_TEMPLATES[_architecture(c)])
+    layer_types = getattr(c, "layer_types", None) or [
+        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(c.num_hidden_layers)
+    ]
+    cfg.update(
+        d_model=c.hidden_size, d_head=head_dim, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
+        n_layers=c.num_hidden_layers, d_vocab=c.vocab_size, eps=c.rms_norm_eps,
+        n_key_value_heads=c.num_key_value_heads if c.num_key_value_heads != c.num_attention_heads else None,
+        n_ctx=min(c.max_position_embeddings, cfg["n_ctx"]), window_size=c.sliding_window,
+        attn_types=["local" if t == "sliding_attention" else "global" for t in layer_types],
+        output_logits_soft_cap=getattr(c, "final_logit_softcapping", None) or -1.0,
+        attn_scores_soft_cap=getattr(c, "attn_logit_softcapping", None) or -1.0,
+    )
+    rope = getattr(c, "rope_parameters", None) or {}
+    if "full_attention" in rope:  # Gemma 3: global and local layers rotate at their own bases
+        cfg.update(rotary_base=rope["full_attention"]["rope_theta"], rotary_base_local=rope["sliding_attention"]["rope_theta"])
+    elif "rope_theta" in rope:
+        cfg.update(rotary_base=rope["rope_theta"])
+    for key in ("quantization_method", "tokenizer_name"):
+        cfg.pop(key, None)
+    return HookedTransformerConfig(**{**cfg, **kwargs})
+
+
 def hf_to_tl_state_dict(
     hf_model: PreTrainedModel, hf_config: PretrainedConfig
 ) -> dict[str, torch.Tensor]:
     """Rename and reshape HF weights into unprocessed HookedTransformer weights."""
     dtype = next(hf_model.parameters()).dtype
+    if _architecture(hf_config) in _GEMMA_TEMPLATES:
+        return convert_gemma_weights(hf_model, _gemma_config(hf_config, dtype=dtype))
     with _config_dir(hf_config) as config_dir:
         cfg = get_pretrained_model_config(config_dir, dtype=dtype, device="cpu")
         return get_pretrained_state_dict(config_dir, cfg, hf_model=hf_model, dtype=dtype)
@@ -105,10 +151,13 @@ def build_hooked_transformer(
     """
     dtype = as_torch_dtype(dtype)
     model_kwargs = {key: kwargs.pop(key) for key in _MODEL_KWARGS if key in kwargs}
-    with _config_dir(hf_config) as config_dir:
-        cfg = get_pretrained_model_config(
-            config_dir, fold_ln=fold_ln, device=device, dtype=dtype, **kwargs
-        )
+    if _architecture(hf_config) in _GEMMA_TEMPLATES:
+        cfg = _gemma_config(hf_config, device=device, dtype=dtype, **kwargs)
+    else:
+        with _config_dir(hf_config) as config_dir:
+            cfg = get_pretrained_model_config(
+                config_dir, fold_ln=fold_ln, device=device, dtype=dtype, **kwargs
+            )
     _rename(cfg, model_name)
     kept = _drop_extra_layers(state_dict, cfg.n_layers)
     model = HookedTransformer(

@@ -194,6 +194,6 @@ class PerLayerTranscoders(ReplacementSet):
             )
 
 
-def as_replacement_set(transcoders: "PerLayerTranscoders | Sequence[SAE | Splice]") -> PerLayerTranscoders:  # type: ignore[type-arg]
-    """The set itself, or SAEs / Splices (the public entry points' older argument) as one."""
-    return transcoders if isinstance(transcoders, PerLayerTranscoders) else PerLayerTranscoders(transcoders)
+def as_replacement_set(transcoders: "ReplacementSet | Sequence[SAE | Splice]") -> ReplacementSet:  # type: ignore[type-arg]
+    """The set itself (per-layer or cross-layer), or SAEs / Splices as a per-layer set."""
+    return transcoders if isinstance(transcoders, ReplacementSet) else PerLayerTranscoders(transcoders)

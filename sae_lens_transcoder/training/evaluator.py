@@ -14,6 +14,9 @@ from transformer_lens import HookedTransformer
 from sae_lens_transcoder._sae_lens_privates import fresh_token_sequences
 from sae_lens_transcoder.distributed.world import current_world
 from sae_lens_transcoder.evals import evaluate_spliced
+from sae_lens_transcoder.hooks import hook_layer
+from sae_lens_transcoder.replacement.cross_layer import clt_replacement
+from sae_lens_transcoder.saes.clt import TrainingCrossLayerTranscoder
 from sae_lens_transcoder.splicing import Splice
 from sae_lens_transcoder.training.activations_store import TranscoderActivationsStore
 
@@ -34,6 +37,7 @@ LOGGED_KEYS = (
     "dead_features",
     "dense_features",
 )
+PER_LAYER_KEYS = ("fvu", "explained_variance", "l0", "dead_features")
 
 
 @dataclass
@@ -55,11 +59,11 @@ class TranscoderSetEvaluator:
     ) -> dict[str, Any]:
         # The model must not run for the prefetch thread while the splice hooks are on it.
         pause = getattr(data_provider, "paused", None)
-        splices = {
-            name: Splice.from_sae(sae, input_scale=activation_scalers[name].scaling_factor or 1.0)
-            for name, sae in saes.items()
-        }
-        groups = {name: [splice] for name, splice in splices.items()}
+        scales = {name: activation_scalers[name].scaling_factor or 1.0 for name in saes}
+        clts = {name: sae for name, sae in saes.items() if isinstance(sae, TrainingCrossLayerTranscoder)}
+        groups: dict[str, Any] = {name: clt_replacement(clt, scales[name]) for name, clt in clts.items()}
+        splices = {name: Splice.from_sae(sae, input_scale=scales[name]) for name, sae in saes.items() if name not in clts}
+        groups |= {name: [splice] for name, splice in splices.items()}
         if len(splices) > 1:
             groups["all"] = list(splices.values())
         out: dict[str, Any] = {}
@@ -75,6 +79,10 @@ class TranscoderSetEvaluator:
                     sum_over_ranks=current_world().is_distributed,
                 )
                 out |= {f"{group}/eval/{key}": metrics[key] for key in LOGGED_KEYS}
+                if group in clts:  # a CLT's layers are one model: log each layer's fit too
+                    for layer in metrics["per_transcoder"]:
+                        prefix = f"{group}/eval/layer_{hook_layer(layer['hook_name_out'])}"
+                        out |= {f"{prefix}/{key}": layer[key] for key in PER_LAYER_KEYS}
         return out
 
     @cached_property

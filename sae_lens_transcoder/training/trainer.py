@@ -4,6 +4,7 @@ drives one per transcoder.
 """
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from sae_lens.saes.sae import TrainStepOutput
@@ -27,6 +28,15 @@ class NonFiniteLossError(ValueError):
 
 class TranscoderTrainer(SAETrainer):  # type: ignore[type-arg]
     """``SAETrainer`` that stops at a non-finite loss and resumes with the right step count."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # SAETrainer sizes its dead-feature counters by cfg.d_sae; a cross-layer transcoder's
+        # cfg.d_sae counts one layer's features and its feature_acts hold every layer's.
+        n_features = getattr(self.sae, "n_features", self.sae.cfg.d_sae)
+        if n_features != self.act_freq_scores.shape[0]:
+            self.act_freq_scores = self.act_freq_scores.new_zeros(n_features)
+            self.n_forward_passes_since_fired = self.n_forward_passes_since_fired.new_zeros(n_features)
 
     def step(self, batch: torch.Tensor) -> TrainStepOutput:
         output = super().step(batch)
