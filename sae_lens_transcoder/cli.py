@@ -66,8 +66,8 @@ def train(argv: Sequence[str]) -> dict[str, Any]:
     parser.add_argument(
         "--resume-latest",
         action="store_true",
-        help="resume from the furthest complete checkpoint under --checkpoint_path, if any (what a torchrun "
-        "--max-restarts restart needs)",
+        help="resume from the newest complete checkpoint under --checkpoint_path, if any (what a torchrun "
+        "--max-restarts restart needs; give each experiment its own --checkpoint_path)",
     )
     parser.add_argument(
         "--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, help="under torchrun: seconds a rank waits for the others"

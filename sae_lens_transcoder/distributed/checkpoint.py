@@ -51,10 +51,12 @@ def stream_state_to_read(checkpoint: Path, world: World) -> Path:
     raise FileNotFoundError(f"{path} is missing: the checkpoint lacks rank {world.rank}'s data position.")
 
 
-def latest_complete_checkpoint(base: Path, marker: str) -> Path | None:
-    """The furthest-trained complete checkpoint among the runs under ``base`` (SAELens puts
-    each run's checkpoints in ``<checkpoint_path>/<run id>/<tokens trained>``)."""
+def latest_complete_checkpoint(base: Path, marker: str, pattern: str = "*/*") -> Path | None:
+    """The most recently completed checkpoint among the runs under ``base`` (SAELens puts
+    each run's checkpoints in ``<checkpoint_path>/<run id>/<tokens trained>``; ``pattern="*"``
+    looks in one run's directory). Newest, not furthest: after a restart the restarted run's
+    checkpoints are the ones to go on from."""
     if not base.is_dir():
         return None
-    found = [c for c in base.glob("*/*") if c.name.isdigit() and (c / marker).is_file()]
-    return max(found, key=lambda c: (int(c.name), c.stat().st_mtime), default=None)
+    found = [c for c in base.glob(pattern) if c.name.isdigit() and (c / marker).is_file()]
+    return max(found, key=lambda c: ((c / marker).stat().st_mtime_ns, int(c.name)), default=None)

@@ -12,9 +12,10 @@ from sae_lens_transcoder.training.checkpoint_view import CHECKPOINT_COMPLETE_FIL
 
 
 def resume_latest(cfg: LanguageModelSAERunnerConfig[Any], world: World) -> None:
-    """Point ``resume_from_checkpoint`` at the furthest complete checkpoint of any earlier run
+    """Point ``resume_from_checkpoint`` at the newest complete checkpoint of any earlier run
     under ``checkpoint_path`` (rank 0 looks, so every rank resumes from the same one); leave
-    it unset when there is none, so the first attempt starts fresh."""
+    it unset when there is none, so the first attempt starts fresh. Give each experiment its
+    own ``checkpoint_path``: another run's checkpoints there would be taken too."""
     if cfg.checkpoint_path is None:
         raise ValueError("--resume-latest needs --checkpoint_path: it resumes from the checkpoints saved there.")
     if cfg.resume_from_checkpoint is not None:

@@ -101,6 +101,7 @@ class DataParallelSetTrainer(TranscoderSetTrainer):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.world = current_world()
+        self.resumed_from: Path | None = None
         local_stop = self.stop_requested
         # A signal reaches the ranks at different steps; all stop after the first step any saw it.
         self.stop_requested = lambda: max_of_int(local_stop() or 0, "agreeing on a stop request") or None
@@ -120,13 +121,20 @@ class DataParallelSetTrainer(TranscoderSetTrainer):
     def _resume_hint(self) -> str:
         if self.cfg.checkpoint_path is None:
             return "No checkpoint was configured (checkpoint_path is None); the run must start again."
-        latest = latest_complete_checkpoint(Path(self.cfg.checkpoint_path).parent, CHECKPOINT_COMPLETE_FILENAME)
+        # This run's last checkpoint, else the one it resumed from.
+        latest = latest_complete_checkpoint(Path(self.cfg.checkpoint_path), CHECKPOINT_COMPLETE_FILENAME, pattern="*")
+        if latest is None and self.resumed_from is not None:
+            latest = self.resumed_from
         if latest is None:
             return "No complete checkpoint was written yet; the run must start again."
         return (
             f"The last complete checkpoint, {latest}, is intact: restart all ranks with "
             f"--resume_from_checkpoint {latest} (or --resume-latest, e.g. under torchrun --max-restarts)."
         )
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        super().load_checkpoint(path)
+        self.resumed_from = Path(path)
 
     @torch.no_grad()
     def _estimate_scaling_factors(self) -> None:
