@@ -520,7 +520,7 @@ CASES: list[Case] = [
          "sae.architecture='transcoder'", setup=standard_checkpoint),
     case("resume-from-missing-dir", _py_cfg(resume_from_checkpoint="ck/4096"), FileNotFoundError, "is not a directory"),
     case("resume-from-a-transcoder-not-a-checkpoint", _py_cfg(resume_from_checkpoint="tc1"), FileNotFoundError,
-         "holds no layer_<i> directory", setup=lambda env: save_transcoder(env.path("tc1"))),
+         "holds no layer_<i> (or clt) directory", setup=lambda env: save_transcoder(env.path("tc1"))),
     # 6. non-finite activations and transcoder sets
     case("model-with-nan-weights", _py_cfg(model=nan_model), ValueError, "not finite (NaN/inf)", "blocks.1", stage="model"),
     case("set-with-hook-name", _py_cfg(model=gpt2, hook_name="blocks.1.mlp.hook_in", sae={"mlp_layer": None, "mlp_layers": "0-1"}),

@@ -29,6 +29,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "clt": {"l1_coefficient": 1e-3},
     "jumprelu_clt": {"l0_coefficient": 1e-3},
     "topk_clt": {"k": 8},
+    "batchtopk_clt": {"k": 8},
 }
 
 
@@ -47,6 +48,8 @@ def random_clt(model: HookedTransformer, architecture: str = "clt", seed: int = 
     with torch.no_grad():
         for name, param in clt.named_parameters():
             param.copy_(0.3 * torch.randn_like(param) if name != "log_threshold" else torch.log(0.05 * torch.rand_like(param)))
+        if architecture == "batchtopk_clt":  # the running cut inference thresholds at
+            clt.topk_threshold.copy_(0.2 + 0.3 * torch.rand_like(clt.topk_threshold))
     return clt.eval()
 
 
@@ -107,6 +110,8 @@ def test_the_replacement_set_is_the_training_model(architecture: str) -> None:
     assert replacement.sources(2) == [0, 1, 2] and replacement.sources(0) == [0]
     if architecture == "topk_clt":
         assert (acts > 0).sum(-1).max() <= 8
+    if architecture == "batchtopk_clt":  # inference: each layer's code passes its running cut
+        assert ((acts > 0) == (clt.pre_activations(x) > clt.topk_threshold[:, None])).all()
 
 
 @contextmanager
@@ -136,7 +141,7 @@ def _frozen_model_leaves(trace: Any) -> Iterator[dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama3"])
-@pytest.mark.parametrize("architecture", ["clt", "jumprelu_clt", "topk_clt"])
+@pytest.mark.parametrize("architecture", ["clt", "jumprelu_clt", "topk_clt", "batchtopk_clt"])
 def test_attributions_through_clt_features_are_complete_and_equal_autograd(arch: str, architecture: str) -> None:
     model = _model(arch)
     trace = trace_prompt(model, clt_replacement(random_clt(model, architecture)), _prompt())
@@ -217,7 +222,7 @@ def _config(tmp_path: Path, architecture: str, **overrides: Any) -> Any:
     return runner_config(sae=sae, **{**settings, **overrides})
 
 
-@pytest.mark.parametrize(("arch", "architecture"), [("gpt2", "clt"), ("llama3", "jumprelu_clt"), ("llama3", "topk_clt")])
+@pytest.mark.parametrize(("arch", "architecture"), [("gpt2", "clt"), ("llama3", "jumprelu_clt"), ("llama3", "topk_clt"), ("gpt2", "batchtopk_clt")])
 def test_training_lowers_the_loss_and_raises_every_layers_ev(arch: str, architecture: str, tmp_path: Path, dataset: Dataset) -> None:
     model = _model(arch)
     runner = TranscoderTrainingRunner(_config(tmp_path, architecture), override_model=model, override_dataset=dataset)
@@ -336,3 +341,18 @@ def test_sparse_decode_equals_the_dense_one_in_outputs_and_gradients(architectur
 def test_sparse_decode_is_refused_for_jumprelu() -> None:
     with pytest.raises(ValueError, match="decoder_impl='sparse' is not exact"):
         CLT_CLASSES["jumprelu_clt"][1](d_in=D_MODEL, d_sae=D_SAE, n_layers=2, decoder_impl="sparse")
+
+
+def test_batchtopk_keeps_k_per_token_on_average_and_tracks_each_layers_cut() -> None:
+    model = _model("llama3")
+    clt = random_clt(model, "batchtopk_clt").train()
+    x = torch.randn(32, clt.n_layers, D_MODEL, generator=torch.Generator().manual_seed(6))
+    y = torch.randn(32, clt.n_layers, D_MODEL, generator=torch.Generator().manual_seed(7))
+    from sae_lens.saes.sae import TrainStepInput
+
+    packed = torch.cat([x, y], dim=-1).flatten(1)
+    out = clt.training_forward_pass(TrainStepInput(sae_in=packed, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False))
+    acts = out.feature_acts.reshape(32, clt.n_layers, D_SAE)
+    assert ((acts > 0).sum(dim=(0, 2)) == 8 * 32).all()  # k * batch per layer
+    kept_min = torch.stack([acts[:, i][acts[:, i] > 0].min() for i in range(clt.n_layers)])
+    torch.testing.assert_close(clt.topk_threshold, kept_min)  # the first batch sets the cut

@@ -60,7 +60,7 @@ class CrossLayerTranscoders(ReplacementSet):
         i = self._index[self._layer(layer)]
         clt = self.clt
         hidden_pre = (x.to(clt.dtype) * self.input_scale) @ clt.W_enc[i] + clt.b_enc[i]
-        if clt.cfg.activation == "jumprelu":
+        if clt.cfg.activation in ("jumprelu", "batchtopk"):  # BatchTopK infers at its running cut
             return hidden_pre * (hidden_pre > clt.threshold[i])
         if clt.cfg.activation == "topk":
             return clt.topk(hidden_pre)

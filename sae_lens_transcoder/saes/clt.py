@@ -19,6 +19,8 @@ sparsity penalties rather than their classes:
 ``clt``            ReLU + L1 weighted by each feature's concatenated decoder norm
 ``jumprelu_clt``   JumpReLU; L0 (``step``) or Anthropic's ``tanh`` penalty on the same norm
 ``topk_clt``       TopK per layer (``k`` features of each layer per token)
+``batchtopk_clt``  BatchTopK per layer (``k`` on average over the batch); inference
+                   thresholds at each layer's running cut, so it saves as a JumpReLU CLT
 =================  ====================================================================
 
 ``cfg.d_sae`` is the number of features per layer (as in circuit-tracer's files); the trainer
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
+from sae_lens.saes.batchtopk_sae import BatchTopK
 from sae_lens.saes.jumprelu_sae import JumpReLU, Step
 from sae_lens.saes.sae import SAEConfig, TrainCoefficientConfig, TrainingSAE, TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import TopK
@@ -118,6 +121,22 @@ class TopKCLTConfig(TrainingCLTConfig):
             raise ValueError(f"sae.k={self.k} must be between 1 and sae.d_sae={self.d_sae} (features per layer).")
 
 
+@dataclass
+class BatchTopKCLTConfig(TopKCLTConfig):
+    """BatchTopK cross-layer transcoder: ``k`` active features per layer and token on average
+    over the batch; inference uses each layer's running threshold (a JumpReLU CLT)."""
+
+    activation: ClassVar[str] = "batchtopk"
+    inference_architecture = "batchtopk_clt"
+
+    topk_threshold_lr: float = 0.01
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "batchtopk_clt"
+
+
 class TrainingCrossLayerTranscoder(TrainingSAE[TrainingCLTConfig]):
     """A CLT as SAELens's trainer trains it; also what circuits, evals and saving read."""
 
@@ -153,10 +172,17 @@ class TrainingCrossLayerTranscoder(TrainingSAE[TrainingCLTConfig]):
             self.log_threshold = nn.Parameter(torch.log(threshold))
         if self.cfg.activation == "topk":
             self.topk = TopK(cfg.k)  # type: ignore[attr-defined]
+        if self.cfg.activation == "batchtopk":
+            self.batch_topk = BatchTopK(cfg.k)  # type: ignore[attr-defined]
+            # Each layer's running cut, what inference thresholds at (SAELens's BatchTopK rule).
+            self.register_buffer("topk_threshold", torch.zeros(L, **kw))
         self._data_init_pending = True
 
     @property
     def threshold(self) -> torch.Tensor:
+        """``[L, d_sae]``: where each feature switches on at inference (JumpReLU and BatchTopK)."""
+        if self.cfg.activation == "batchtopk":
+            return self.topk_threshold[:, None].expand(-1, self.cfg.d_sae)
         return self.log_threshold.exp()
 
     # ------------------------------------------------------------------ the model
@@ -170,7 +196,23 @@ class TrainingCrossLayerTranscoder(TrainingSAE[TrainingCLTConfig]):
             return hidden_pre.relu()
         if self.cfg.activation == "jumprelu":
             return JumpReLU.apply(hidden_pre, self.threshold, self.cfg.jumprelu_bandwidth, False)  # type: ignore[attr-defined,no-any-return]
+        if self.cfg.activation == "batchtopk":
+            if not self.training:
+                return hidden_pre * (hidden_pre > self.threshold)
+            # Per layer: the k · batch largest of that layer's codes over the whole batch.
+            return torch.stack([self.batch_topk(hidden_pre[..., i, :]) for i in range(self.n_layers)], dim=-2)
         return self.topk(hidden_pre)
+
+    @torch.no_grad()
+    def _update_topk_threshold(self, acts: torch.Tensor, first: bool) -> None:
+        """Each layer's threshold follows the smallest code its batch kept, as SAELens's BatchTopK;
+        the first batch sets it outright (an average from 0 would need hundreds of steps)."""
+        lr = 1.0 if first else self.cfg.topk_threshold_lr  # type: ignore[attr-defined]
+        for i in range(self.n_layers):
+            kept = acts[..., i, :]
+            kept = kept[kept > 0]
+            if kept.numel():
+                self.topk_threshold[i] = (1 - lr) * self.topk_threshold[i] + lr * kept.min()
 
     @override
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,10 +289,13 @@ class TrainingCrossLayerTranscoder(TrainingSAE[TrainingCLTConfig]):
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         x, y = self.split_packed(step_input.sae_in)
-        if self._data_init_pending and step_input.n_training_steps == 0:
+        first = self._data_init_pending and step_input.n_training_steps == 0
+        if first:
             self._initialise_from_data(x, y)
         hidden_pre = self.pre_activations(x)
         acts = self.activate(hidden_pre)
+        if self.cfg.activation == "batchtopk":
+            self._update_topk_threshold(acts, first)
         recon = self.decode(acts)
         mse = (recon - y.to(recon.dtype)).pow(2).sum(dim=(-2, -1)).mean()
         losses: dict[str, torch.Tensor] = {"mse_loss": mse}
@@ -289,10 +334,6 @@ class TrainingCrossLayerTranscoder(TrainingSAE[TrainingCLTConfig]):
             return {"l0": TrainCoefficientConfig(value=cfg.l0_coefficient, warm_up_steps=cfg.l0_warm_up_steps)}
         return {}
 
-    @override
-    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
-        if self.cfg.activation == "jumprelu":
-            state_dict["threshold"] = state_dict.pop("log_threshold").exp()
 
 
 CLT_TRAINER_NAME = "clt"  # the CLT's directory in a checkpoint, and its prefix in logs
@@ -301,6 +342,7 @@ CLT_CLASSES: dict[str, tuple[type, type]] = {
     "clt": (TrainingCrossLayerTranscoder, TrainingCLTConfig),
     "jumprelu_clt": (TrainingCrossLayerTranscoder, JumpReLUCLTConfig),
     "topk_clt": (TrainingCrossLayerTranscoder, TopKCLTConfig),
+    "batchtopk_clt": (TrainingCrossLayerTranscoder, BatchTopKCLTConfig),
 }
 
 

@@ -51,7 +51,7 @@ def save_clt(clt: TrainingCrossLayerTranscoder, directory: str | Path, input_sca
             f"b_enc_{i}": replacement.b_enc(layer).contiguous().cpu(),
             f"b_dec_{i}": replacement.b_dec(layer).contiguous().cpu(),
         }
-        if clt.cfg.activation == "jumprelu":
+        if clt.cfg.activation in ("jumprelu", "batchtopk"):  # BatchTopK infers as JumpReLU at its cut
             tensors[f"threshold_{i}"] = clt.threshold[i].contiguous().cpu()
         save_file(tensors, directory / f"W_enc_{i}.safetensors")
         decoder = torch.stack([replacement.decoder(layer, out) for out in replacement.layers[i:]], dim=1)
@@ -62,7 +62,7 @@ def save_clt(clt: TrainingCrossLayerTranscoder, directory: str | Path, input_sca
         "feature_input_hook": ins.pop() if len(ins) == 1 else sorted(ins),
         "feature_output_hook": outs.pop() if len(outs) == 1 else sorted(outs),
         "scan": scan or directory.name,
-        "activation": {"relu": "relu", "jumprelu": "jump_relu", "topk": "topk"}[clt.cfg.activation],
+        "activation": {"relu": "relu", "jumprelu": "jump_relu", "batchtopk": "jump_relu", "topk": "topk"}[clt.cfg.activation],
     }
     if clt.cfg.activation == "topk":
         config["k"] = int(clt.cfg.k)  # type: ignore[attr-defined]
@@ -127,13 +127,17 @@ def load_clt(directory: str | Path, device: str = "cpu") -> CrossLayerTranscoder
         state[f"b_enc.{i}"] = encoder[f"b_enc_{i}"]
         state[f"b_dec.{i}"] = encoder[f"b_dec_{i}"]
         if f"threshold_{i}" in encoder:
-            state[f"log_threshold.{i}"] = encoder[f"threshold_{i}"].log()
+            state[f"threshold.{i}"] = encoder[f"threshold_{i}"]
         state[f"W_dec.{i}"] = load_file(directory / f"W_dec_{i}.safetensors", device=device)[f"W_dec_{i}"]
     stacked = {
         name: torch.stack([state.pop(f"{name}.{i}") for i in range(cfg.n_layers)])
-        for name in ("W_enc", "b_enc", "b_dec", "log_threshold")
+        for name in ("W_enc", "b_enc", "b_dec", "threshold")
         if f"{name}.0" in state
     }
+    if cfg.activation == "jumprelu":
+        stacked["log_threshold"] = stacked.pop("threshold").log()
+    elif cfg.activation == "batchtopk":
+        stacked["topk_threshold"] = stacked.pop("threshold")[:, 0]
     clt.load_state_dict({**stacked, **state})
     clt._data_init_pending = False
     return clt_replacement(clt.eval())
