@@ -107,16 +107,26 @@ def test_a_two_rank_cross_layer_transcoder_trains_as_one_process_does(root: Path
     _assert_ranks_match_one_process(ranks, _train_single(root, "single-clt", **clt))
 
 
-def test_batchtopk_replicas_stay_identical(root: Path) -> None:
+@pytest.mark.parametrize(
+    "sae",
+    [
+        {"architecture": "batchtopk_transcoder", "k": 8},
+        {"architecture": "batchtopk_clt", "k": 8, "mlp_layer": None, "mlp_layers": "all", "d_sae": 96, "normalize_activations": "none"},
+    ],
+    ids=["transcoder", "clt"],
+)
+def test_batchtopk_replicas_stay_identical(root: Path, sae: dict[str, Any]) -> None:
     # BatchTopK picks the top k x batch of each rank's own batch (not the global one), so only
     # agreement is checked: its running threshold, a buffer no gradient reaches, included.
-    overrides = {"sae": {"architecture": "batchtopk_transcoder", "k": 8}, "n_checkpoints": 0}
-    codes = spawn_ranks({"root": str(root), "name": "batchtopk", "overrides": overrides}, root / "batchtopk-results")
-    assert codes == [0, 0], [p.read_text() for p in (root / "batchtopk-results").glob("*.error")]
-    ranks = [torch.load(root / "batchtopk-results" / f"rank{rank}.pt")["weights"]["layer_1"] for rank in (0, 1)]
-    assert "topk_threshold" in ranks[0] and ranks[0]["topk_threshold"] > 0
-    for key, value in ranks[0].items():
-        assert torch.equal(value, ranks[1][key]), f"the ranks' {key} differ"
+    name = f"batchtopk-{sae['architecture']}"
+    overrides = {"sae": sae, "n_checkpoints": 0, "feature_sampling_window": 1000}
+    codes = spawn_ranks({"root": str(root), "name": name, "overrides": overrides}, root / f"{name}-results")
+    assert codes == [0, 0], [p.read_text() for p in (root / f"{name}-results").glob("*.error")]
+    ranks = [torch.load(root / f"{name}-results" / f"rank{rank}.pt")["weights"] for rank in (0, 1)]
+    (trainer,) = ranks[0]
+    assert "topk_threshold" in ranks[0][trainer] and (ranks[0][trainer]["topk_threshold"] > 0).all()
+    for key, value in ranks[0][trainer].items():
+        assert torch.equal(value, ranks[1][trainer][key]), f"the ranks' {key} differ"
 
 
 def test_only_rank_0_writes_except_each_ranks_data_position(root: Path, full_run: dict[int, dict[str, Any]]) -> None:

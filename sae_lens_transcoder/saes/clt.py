@@ -39,7 +39,7 @@ from sae_lens.saes.topk_sae import TopK
 from torch import nn
 from typing_extensions import override
 
-from sae_lens_transcoder.distributed.replicas import mean_across_replicas
+from sae_lens_transcoder.distributed.replicas import mean_across_replicas, min_across_replicas
 from sae_lens_transcoder.saes.mixin import TranscoderConfigMixin
 from sae_lens_transcoder.saes.sparse_decode import SPARSE_DECODE_MAX_DENSITY, densest_row, sparse_decode
 
@@ -213,6 +213,8 @@ class TrainingCrossLayerTranscoder(TrainingSAE[TrainingCLTConfig]):
             kept = kept[kept > 0]
             if kept.numel():
                 self.topk_threshold[i] = (1 - lr) * self.topk_threshold[i] + lr * kept.min()
+        # Data parallel: the minimum of the ranks' cuts is the cut of the global batch's minimum.
+        self.topk_threshold.copy_(min_across_replicas(self.topk_threshold))
 
     @override
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
