@@ -49,7 +49,7 @@ MODELS: dict[str, dict[str, Any]] = {
                       activation="relu", max_feature_nodes=None, ct_batch_size=32),
     "tiny-gpt2-jumprelu": dict(model="tiny-gpt2", prompt="The cat sat on the mat because it was warm and the dog was",
                                d_sae=2048, z=2.0, activation="jumprelu", max_feature_nodes=None, ct_batch_size=32),
-    # ~0.6% of 30 x 512 features fire per token: every active feature gets its row (the full graph)
+    # ~1.7% of 30 x 512 features fire per prompt token: every active feature gets its row (the full graph)
     "smollm2-135m": dict(prompt="The capital of France is Paris, and the capital of Germany is", d_sae=512, z=2.5,
                          activation="relu", max_feature_nodes=None, ct_batch_size=32),
 }
@@ -173,16 +173,21 @@ def run_ours(workdir: Path, ct_path: Path, out: Path, batch_size: int, compare: 
 # ----------------------------------------------------------------------------- driver
 
 CLT_NOTES = [
+    "- **De-meaned logits.** circuit-tracer's logit target is `W_U[:, t] − mean_v W_U[:, v]` after the final norm "
+    "with its scale frozen; ours is `unembed_target(trace, pos, W_U[:, t] − W_U.mean(1))` (see the per-layer "
+    "side-by-side for what the raw logit gives instead).",
     "- **CLT features.** A CLT feature is one node with one activation; its edge into a target sums its writes "
     "into every later MLP output (circuit-tracer injects one decoder vector per (feature, output layer)). "
     "circuit-tracer reads a CLT over every layer of the model, so these CLTs cover all MLPs.",
-    "- **Full graphs.** With ~0.6% of features active, every active feature gets its row on both sides "
-    "(max_feature_nodes=None), so every edge of circuit-tracer's graph is compared.",
+    "- **Full graphs.** The CLTs are small enough (SmolLM2: ~3.5k active features) for every active feature to get "
+    "its row on both sides (max_feature_nodes=None), so every edge of circuit-tracer's graph is compared.",
     "- **Timing and memory.** Wall time of circuit-tracer's `attribute()` alone and of our trace_prompt + targets + "
     "`total_effects_batch`, model and CLT loading excluded; fresh process per run, sides alternating, 1 torch thread "
     "each on the shared 2-core machine. Peak RSS (VmHWM) is reset once everything is loaded, so 'peak − loaded' is "
-    "what the attribution adds; circuit-tracer's loader keeps CLT decoders on disk (lazy), ours holds them in memory, "
-    "which shows in the loaded baseline, not in the increase.",
+    "what the attribution adds. circuit-tracer's loader keeps CLT decoders on disk (lazy) and reads the active "
+    "features' rows; ours holds the CLT in memory (SmolLM2: 557 MiB of files), which is why our total peak is higher "
+    "while the attribution itself adds the same. SmolLM2 takes ~5-6 min per circuit-tracer run here: "
+    "`--models smollm2-135m --repeats 1` keeps a run within ~10 minutes.",
 ]
 
 
@@ -265,7 +270,7 @@ def table(results: dict[str, Any]) -> str:
                      f"logits + {ct['n_selected_features']} features (max_feature_nodes={ct['max_feature_nodes']}); "
                      f"logits of circuit-tracer's model vs ours: max |diff| {ct['logits_max_abs_diff_vs_ours']:.1e}.")
     lines.append(f"- command: `{results['command']}`")
-    shared = [n for n in NOTES if n.startswith(("- **De-meaned", "- **BOS", "- **Tokens"))]
+    shared = [n for n in NOTES if n.startswith(("- **BOS", "- **Tokens"))]
     lines += ["", "## Notes", "", *shared, *CLT_NOTES]
     return "\n".join(lines) + "\n"
 

@@ -133,7 +133,7 @@ def _frozen_model_leaves(trace: Any) -> Iterator[dict[str, torch.Tensor]]:
 
         def mlp_out(x: torch.Tensor, hook: Any, layer: int = layer) -> torch.Tensor:
             written = sum(leaves[f"acts{src}"] @ trace.decoders[src, layer] for src in trace.replacement.sources(layer))
-            return (written + trace.transcoder_bias[layer] + trace.errors[layer])[None]
+            return (written + trace.transcoder_bias[layer] + trace.errors[layer] + trace.skips.get(layer, 0.0))[None]
 
         hooks.append((f"blocks.{layer}.hook_mlp_out", mlp_out))
     with trace.model.hooks(fwd_hooks=hooks):
@@ -141,10 +141,12 @@ def _frozen_model_leaves(trace: Any) -> Iterator[dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama3"])
-@pytest.mark.parametrize("architecture", ["clt", "jumprelu_clt", "topk_clt", "batchtopk_clt"])
+@pytest.mark.parametrize("architecture", ["clt", "jumprelu_clt", "topk_clt", "batchtopk_clt", "clt+skip"])
 def test_attributions_through_clt_features_are_complete_and_equal_autograd(arch: str, architecture: str) -> None:
     model = _model(arch)
-    trace = trace_prompt(model, clt_replacement(random_clt(model, architecture)), _prompt())
+    name, _, skip = architecture.partition("+")
+    trace = trace_prompt(model, clt_replacement(random_clt(model, name, skip_connection=bool(skip))), _prompt())
+    assert bool(trace.skips) == bool(skip)
     assert {(src, out) for src, out in trace.decoders} == {(s, o) for o in range(model.cfg.n_layers) for s in range(o + 1)}
     pos = 11
     target = logit_target(trace, pos, 5, versus=7)
@@ -172,9 +174,10 @@ def test_attributions_through_clt_features_are_complete_and_equal_autograd(arch:
     assert sum(graph.incoming(graph.root).values()) == pytest.approx(graph.root_value, rel=1e-4, abs=1e-6)
 
 
-def test_splicing_writes_the_summed_reconstruction_at_every_layer() -> None:
+@pytest.mark.parametrize("skip", [False, True])
+def test_splicing_writes_the_summed_reconstruction_at_every_layer(skip: bool) -> None:
     model = _model("llama3")
-    clt = random_clt(model)
+    clt = random_clt(model, skip_connection=skip)
     tokens = torch.randint(1, D_VOCAB, (2, CONTEXT), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         clean = model(tokens)
@@ -183,15 +186,16 @@ def test_splicing_writes_the_summed_reconstruction_at_every_layer() -> None:
         with spliced(model, clt_replacement(clt)):
             _, cache = model.run_with_cache(tokens)
         x = torch.stack([cache[f"blocks.{layer}.mlp.hook_in"] for layer in range(3)], dim=-2)
-        expected = clt.decode(clt.encode(x))
+        expected = clt(x)  # features' writes plus the skip terms
         for layer in range(3):
             torch.testing.assert_close(cache[f"blocks.{layer}.hook_mlp_out"], expected[..., layer, :], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("architecture", list(SETTINGS))
+@pytest.mark.parametrize("architecture", [*SETTINGS, "clt+skip"])
 def test_files_round_trip_in_circuit_tracers_layout(architecture: str, tmp_path: Path) -> None:
     model = _model("llama3")
-    clt = random_clt(model, architecture)
+    name, _, skip = architecture.partition("+")
+    clt = random_clt(model, name, skip_connection=bool(skip))
     out = save_clt(clt, tmp_path / "clt", input_scale=2.0)
     names = sorted(p.name for p in out.iterdir())
     assert names == ["W_dec_0.safetensors", "W_dec_1.safetensors", "W_dec_2.safetensors", "W_enc_0.safetensors",
@@ -205,6 +209,8 @@ def test_files_round_trip_in_circuit_tracers_layout(architecture: str, tmp_path:
             for source in range(layer + 1):
                 torch.testing.assert_close(loaded.decoder(source, layer), original.decoder(source, layer))
             torch.testing.assert_close(loaded.b_dec(layer), original.b_dec(layer))
+            if skip:
+                torch.testing.assert_close(loaded.skip(layer, x), original.skip(layer, x))
 
 
 # ---------------------------------------------------------------- training
@@ -222,13 +228,19 @@ def _config(tmp_path: Path, architecture: str, **overrides: Any) -> Any:
     return runner_config(sae=sae, **{**settings, **overrides})
 
 
-@pytest.mark.parametrize(("arch", "architecture"), [("gpt2", "clt"), ("llama3", "jumprelu_clt"), ("llama3", "topk_clt"), ("gpt2", "batchtopk_clt")])
+@pytest.mark.parametrize(("arch", "architecture"), [
+    ("gpt2", "clt"), ("llama3", "jumprelu_clt"), ("llama3", "topk_clt"), ("gpt2", "batchtopk_clt"), ("gpt2", "clt+skip"),
+])
 def test_training_lowers_the_loss_and_raises_every_layers_ev(arch: str, architecture: str, tmp_path: Path, dataset: Dataset) -> None:
     model = _model(arch)
-    runner = TranscoderTrainingRunner(_config(tmp_path, architecture), override_model=model, override_dataset=dataset)
+    name, _, skip = architecture.partition("+")
+    cfg = _config(tmp_path, name)
+    cfg.sae.skip_connection = bool(skip)
+    runner = TranscoderTrainingRunner(cfg, override_model=model, override_dataset=dataset)
     tokens = torch.randint(1, D_VOCAB, (4, CONTEXT), generator=torch.Generator().manual_seed(7))
     before = evaluate_spliced(model, CrossLayerTranscoders(runner.sae, _hooks(model.cfg.n_layers)), tokens)
     clt = runner.run()
+    assert bool(skip) == ("W_skip" in dict(clt.named_parameters())) and (not skip or clt.W_skip.abs().max() > 0)
     assert isinstance(clt, TrainingCrossLayerTranscoder) and clt.cfg.metadata[CLT_HOOKS_KEY] == [list(p) for p in _hooks(model.cfg.n_layers)]
     saved = load_clt(tmp_path / "out")
     after = evaluate_spliced(model, saved, tokens)

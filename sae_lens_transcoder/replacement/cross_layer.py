@@ -81,9 +81,12 @@ class CrossLayerTranscoders(ReplacementSet):
     def b_dec(self, layer: int) -> torch.Tensor:
         return self.clt.b_dec[self._index[self._layer(layer)]] / self.input_scale
 
-    def skip(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:  # noqa: ARG002
-        self._layer(layer)
-        return None
+    def skip(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        # Inputs and outputs share the training scale, so the skip is the same in model units.
+        i = self._index[self._layer(layer)]
+        if not self.clt.cfg.skip_connection:
+            return None
+        return x.to(self.clt.dtype) @ self.clt.W_skip[i].T
 
     def _layer(self, layer: int) -> int:
         if layer not in self._index:

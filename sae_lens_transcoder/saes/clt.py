@@ -49,12 +49,15 @@ class TrainingCLTConfig(TranscoderConfigMixin):
     """A ReLU cross-layer transcoder with the decoder-norm-weighted L1 penalty.
 
     ``n_layers`` (how many MLPs the CLT covers) is set by the runner from ``mlp_layers``.
+    ``skip_connection`` adds a trained affine skip per layer, ``x_l @ W_skip[l].T`` into MLP
+    ``l``'s output (zero at start), as the per-layer skip transcoders have.
     """
 
     activation: ClassVar[str] = "relu"
     inference_architecture = "clt"
 
     n_layers: int = 1
+    skip_connection: bool = False
     l1_coefficient: float = 1.0
     l1_warm_up_steps: int = 0
 
@@ -167,6 +170,8 @@ class TrainingCrossLayerTranscoder(TrainingSAE[TrainingCLTConfig]):
             nn.Parameter(torch.empty(cfg.d_sae, L - i, cfg.d_out, **kw).uniform_(-dec_bound, dec_bound)) for i in range(L)
         )
         self.b_dec = nn.Parameter(torch.zeros(L, cfg.d_out, **kw))
+        if cfg.skip_connection:
+            self.W_skip = nn.Parameter(torch.zeros(L, cfg.d_out, cfg.d_in, **kw))
         if self.cfg.activation == "jumprelu":
             threshold = torch.full((L, cfg.d_sae), cfg.jumprelu_init_threshold, **kw)  # type: ignore[attr-defined]
             self.log_threshold = nn.Parameter(torch.log(threshold))
@@ -258,9 +263,17 @@ class TrainingCrossLayerTranscoder(TrainingSAE[TrainingCLTConfig]):
         """``[L, d_sae]``: each feature's decoder norm over every layer it writes to."""
         return torch.stack([decoder.flatten(1).norm(dim=-1) for decoder in self.W_dec])
 
+    def skip_out(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``[..., L, d_out]``: each layer's skip term, or None without one."""
+        if not self.cfg.skip_connection:
+            return None
+        return torch.einsum("...ld,lod->...lo", x.to(self.dtype), self.W_skip)
+
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        out = self.decode(self.encode(x))
+        skip = self.skip_out(x)
+        return out if skip is None else out + skip
 
     # ------------------------------------------------------------------ training
 
@@ -299,6 +312,11 @@ class TrainingCrossLayerTranscoder(TrainingSAE[TrainingCLTConfig]):
         if self.cfg.activation == "batchtopk":
             self._update_topk_threshold(acts, first)
         recon = self.decode(acts)
+        # The skip term leaves the target, as for per-layer skip transcoders: the same loss,
+        # and what the features are trained (and logged) on is what they must reconstruct.
+        skip = self.skip_out(x)
+        if skip is not None:
+            y = y.to(skip.dtype) - skip
         mse = (recon - y.to(recon.dtype)).pow(2).sum(dim=(-2, -1)).mean()
         losses: dict[str, torch.Tensor] = {"mse_loss": mse}
         losses.update(self._sparsity_losses(acts, hidden_pre, step_input.coefficients))

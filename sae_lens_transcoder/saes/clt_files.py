@@ -7,7 +7,8 @@
   ``activation`` / ``k`` (circuit-tracer reads ``relu`` and JumpReLU from the files; a TopK
   CLT is ours alone);
 - ``W_enc_{i}.safetensors``: ``W_enc_{i} [d_sae, d_in]`` (transposed from ours), ``b_enc_{i}``,
-  ``b_dec_{i}`` and, for JumpReLU, ``threshold_{i}``;
+  ``b_dec_{i}``, for JumpReLU (and BatchTopK, at its cut) ``threshold_{i}``, and with a skip
+  ``W_skip_{i} [d_out, d_in]`` (ours: circuit-tracer's loader reads no CLT skip from files);
 - ``W_dec_{i}.safetensors``: ``W_dec_{i} [d_sae, L - i, d_out]``;
 - ``cfg.json``: the training config (SAELens's ``to_dict``) with the metadata, including the
   covered layers' hook pairs (``metadata.clt_hooks``), which :func:`load_clt` rebuilds from.
@@ -53,6 +54,8 @@ def save_clt(clt: TrainingCrossLayerTranscoder, directory: str | Path, input_sca
         }
         if clt.cfg.activation in ("jumprelu", "batchtopk"):  # BatchTopK infers as JumpReLU at its cut
             tensors[f"threshold_{i}"] = clt.threshold[i].contiguous().cpu()
+        if clt.cfg.skip_connection:  # ours: circuit-tracer's CLT loader reads no skip from files
+            tensors[f"W_skip_{i}"] = clt.W_skip[i].contiguous().cpu()
         save_file(tensors, directory / f"W_enc_{i}.safetensors")
         decoder = torch.stack([replacement.decoder(layer, out) for out in replacement.layers[i:]], dim=1)
         save_file({f"W_dec_{i}": decoder.contiguous().cpu()}, directory / f"W_dec_{i}.safetensors")
@@ -128,10 +131,12 @@ def load_clt(directory: str | Path, device: str = "cpu") -> CrossLayerTranscoder
         state[f"b_dec.{i}"] = encoder[f"b_dec_{i}"]
         if f"threshold_{i}" in encoder:
             state[f"threshold.{i}"] = encoder[f"threshold_{i}"]
+        if f"W_skip_{i}" in encoder:
+            state[f"W_skip.{i}"] = encoder[f"W_skip_{i}"]
         state[f"W_dec.{i}"] = load_file(directory / f"W_dec_{i}.safetensors", device=device)[f"W_dec_{i}"]
     stacked = {
         name: torch.stack([state.pop(f"{name}.{i}") for i in range(cfg.n_layers)])
-        for name in ("W_enc", "b_enc", "b_dec", "threshold")
+        for name in ("W_enc", "b_enc", "b_dec", "threshold", "W_skip")
         if f"{name}.0" in state
     }
     if cfg.activation == "jumprelu":
