@@ -209,12 +209,13 @@ def run_ours(workdir: Path, ct_path: Path, out: Path, batch_size: int, compare: 
 
     from sae_lens_transcoder.circuits import feature_target, trace_prompt, unembed_target
     from sae_lens_transcoder.circuits.effects import total_effects_batch
-    from sae_lens_transcoder.export.circuit_tracer import load_circuit_tracer_transcoders
+    from sae_lens_transcoder.loading import load_transcoder_set
 
     setup = json.loads((workdir / "setup.json").read_text())
     t_load = time.perf_counter()
     model = load(setup["model"])
-    splices = load_circuit_tracer_transcoders(workdir / "transcoders")  # the very files circuit-tracer reads
+    # The very files circuit-tracer reads: a transcoder set, or a cross-layer transcoder.
+    replacement = load_transcoder_set(workdir / "transcoders")
     load_seconds = time.perf_counter() - t_load
     tokens = load_file(str(workdir / "reference.safetensors"))["tokens"]
     ct = torch.load(ct_path, weights_only=False)
@@ -224,7 +225,7 @@ def run_ours(workdir: Path, ct_path: Path, out: Path, batch_size: int, compare: 
 
     rss_loaded = settle_and_reset_peak()
     start = time.perf_counter()
-    trace = trace_prompt(model, splices, tokens)
+    trace = trace_prompt(model, replacement, tokens)
     last = trace.n_pos - 1
     W_U = model.W_U
     mean_column = W_U.mean(1)

@@ -32,13 +32,11 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from _circuit_tracer_worker import memory_kib, settle_and_reset_peak  # stdlib + torch only
-from circuit_tracer_side_by_side import CALIBRATION, NOTES, _fmt_rel, compare_with_circuit_tracer, load, run, summarise
+from circuit_tracer_side_by_side import CALIBRATION, NOTES, _fmt_rel, load, run, run_ours, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "_circuit_tracer_worker.py"
@@ -126,48 +124,6 @@ def prepare(name: str, workdir: Path) -> dict[str, Any]:
     }
     (workdir / "setup.json").write_text(json.dumps(setup, indent=1))
     return setup
-
-
-# ----------------------------------------------------------------------------- ours
-
-
-def run_ours(workdir: Path, ct_path: Path, out: Path, batch_size: int, compare: bool) -> None:
-    """Our side, in a fresh process: load, then time trace + targets + ``total_effects_batch``."""
-    from safetensors.torch import load_file
-
-    from sae_lens_transcoder.circuits import feature_target, trace_prompt, unembed_target
-    from sae_lens_transcoder.circuits.effects import total_effects_batch
-    from sae_lens_transcoder.saes.clt_files import load_clt
-
-    setup = json.loads((workdir / "setup.json").read_text())
-    t_load = time.perf_counter()
-    model = load(setup["model"])
-    clt = load_clt(workdir / "transcoders")  # the very files circuit-tracer reads
-    load_seconds = time.perf_counter() - t_load
-    tokens = load_file(str(workdir / "reference.safetensors"))["tokens"]
-    ct = torch.load(ct_path, weights_only=False)
-    logit_ids = ct["logit_ids"].tolist()
-    selected = ct["active_features"][ct["selected_features"]].tolist()  # (layer, pos, feature)
-    del ct
-
-    rss_loaded = settle_and_reset_peak()
-    start = time.perf_counter()
-    trace = trace_prompt(model, clt, tokens)
-    last = trace.n_pos - 1
-    W_U = model.W_U
-    mean_column = W_U.mean(1)
-    targets = [unembed_target(trace, last, W_U[:, t] - mean_column) for t in logit_ids]
-    targets += [feature_target(trace, layer, feature, pos) for layer, pos, feature in selected]
-    effects = total_effects_batch(trace, targets, batch_size=batch_size)
-    seconds = time.perf_counter() - start
-    result: dict[str, Any] = {
-        "seconds": seconds, "load_seconds": load_seconds, "rss_loaded_kib": rss_loaded,
-        "peak_rss_kib": memory_kib()["VmHWM"], "torch_threads": torch.get_num_threads(), "batch_size": batch_size,
-        "n_rows": len(targets), "n_active": len(effects.active),
-    }
-    if compare:
-        result["agreement"] = compare_with_circuit_tracer(trace, effects, ct_path, logit_ids, mean_column)
-    out.write_text(json.dumps(result, indent=1))
 
 
 # ----------------------------------------------------------------------------- driver

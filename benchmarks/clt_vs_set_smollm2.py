@@ -191,9 +191,9 @@ def table(results: dict[str, Any]) -> str:
     for s, c in zip(ev["set"]["per_transcoder"], ev["clt"]["per_transcoder"]):
         lines.append(f"| {s['layer']} | {s['fvu']:.3f} | {c['fvu']:.3f} | {s['l0']:.1f} | {c['l0']:.1f} |")
     lines += ["", f"All {a['layers']} replaced at once:", "",
-              "| | mean FVU | CE clean | CE spliced | CE recovered | KL | nodes @80% (median) | of which features | "
+              "| | mean FVU | CE clean | CE spliced | CE zero-abl. | CE recovered (vs zero / vs mean abl.) | KL | nodes @80% (median) | of which features | "
               "of which errors | features for 80% of feature influence (median) | feature share of influence | "
-              "replacement score | completeness score |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "replacement score | completeness score |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind in ("set", "clt"):
         e, g = ev[kind], graphs[kind]
 
@@ -202,23 +202,27 @@ def table(results: dict[str, Any]) -> str:
 
         lines.append(
             f"| {'per-layer set' if kind == 'set' else 'CLT'} | {statistics.mean(p['fvu'] for p in e['per_transcoder']):.3f} | "
-            f"{e['ce_loss_clean']:.3f} | {e['ce_loss_spliced']:.3f} | {e['ce_loss_recovered']:.1%} | {e['kl_div']:.3f} | "
+            f"{e['ce_loss_clean']:.3f} | {e['ce_loss_spliced']:.3f} | {e['ce_loss_zero_ablation']:.3f} | "
+            f"{e['ce_loss_recovered']:.1%} / {e['ce_loss_recovered_mean']:.1%} | {e['kl_div']:.3f} | "
             f"{med('nodes_80'):.0f} | {med('feature_nodes_80'):.0f} | {med('error_nodes_80'):.0f} | "
             f"{med('features_for_80_of_feature_influence'):.0f} | {statistics.mean(p['feature_influence_share'] for p in g):.3f} | "
             f"{statistics.mean(p['replacement_score'] for p in g):.3f} | {statistics.mean(p['completeness_score'] for p in g):.3f} |"
         )
     lines += ["", "Nodes @80%: feature and error nodes above circuit-tracer's 0.8 node-influence threshold (before edge "
-              "pruning), median over the prompts; 'features for 80% of feature influence': the fewest active features "
+              "pruning), median over the prompts (medians of the parts need not add up); fewer for the CLT on "
+              f"{sum(c['nodes_80'] < p['nodes_80'] for p, c in zip(graphs['set'], graphs['clt']))} of {len(graphs['set'])} prompts; 'features for 80% of feature influence': the fewest active features "
               "whose influence sums to 80% of all active features' influence (the replaced layers' share of the graph); "
               "'feature share': features' influence over that of features, errors and tokens; scores are means over the prompts. Replacement and completeness are "
               "circuit-tracer's definitions, computed here on our exact direct effects; MLPs "
               f"{a['layers']}-29 stay unreplaced and are error nodes (whole MLP outputs) for both.", "",
-              f"Command: `{results['command']}`"]
+              f"Command: `{results.get('train_command', results['command'])}`"
+              + (f", evaluated again with `{results['command']}`" if "train_command" in results else "")]
     return "\n".join(lines) + "\n"
 
 
 def _metrics(everything: dict[str, Any], replacement: ReplacementSet) -> dict[str, Any]:
-    keep = ("n_tokens", "ce_loss_clean", "ce_loss_spliced", "ce_loss_zero", "ce_loss_recovered", "kl_div", "fvu", "l0")
+    keep = ("n_tokens", "ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablation", "ce_loss_mean_ablation",
+            "ce_loss_recovered", "ce_loss_recovered_mean", "kl_div", "fvu", "l0")
     out = {k: everything[k] for k in keep if k in everything}
     out["per_transcoder"] = [{"layer": layer, "fvu": m["fvu"], "l0": m["l0"], "dead": m.get("dead_features")}
                              for layer, m in zip(replacement.layers, everything["per_transcoder"])]
@@ -254,6 +258,7 @@ def main() -> None:
         before = json.loads(previous.read_text())
         results["train_seconds"] = before["train_seconds"]
         results["args"].update({k: before["args"][k] for k in TRAINING_ARGS})
+        results["train_command"] = before.get("train_command", before["command"])
     for kind in KINDS:
         if not args.eval_only:
             results["train_seconds"][kind] = train(kind, args, model)

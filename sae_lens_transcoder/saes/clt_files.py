@@ -18,6 +18,7 @@ model; a CLT over layers ``0..L-1`` is exactly that.
 """
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from sae_lens.registry import get_sae_training_class
 
 from sae_lens_transcoder.replacement.cross_layer import CLT_HOOKS_KEY, CrossLayerTranscoders, clt_replacement
 from sae_lens_transcoder.saes.clt import TrainingCrossLayerTranscoder
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 CFG_FILE = "cfg.json"
@@ -69,6 +72,10 @@ def save_clt(clt: TrainingCrossLayerTranscoder, directory: str | Path, input_sca
     }
     if clt.cfg.activation == "topk":
         config["k"] = int(clt.cfg.k)  # type: ignore[attr-defined]
+        logger.warning(
+            "%s: a TopK CLT is ours alone; circuit-tracer 0.5.0 ignores 'activation: topk' and would run it as ReLU.",
+            directory,
+        )
     (directory / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
     cfg = clt.cfg.to_dict()
     cfg["normalize_activations"] = "none"  # the scale is folded into the files
