@@ -12,6 +12,7 @@ from sae_lens import llm_sae_training_runner
 from sae_lens.llm_sae_training_runner import LanguageModelSAETrainingRunner
 from sae_lens.training.activations_store import ActivationsStore
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
+from sae_lens.training.sae_trainer import SAETrainer
 
 REQUIRED: dict[str, tuple[object, str]] = {
     # CLI flag parser with the architecture subgroups (no public parser exists).
@@ -28,6 +29,9 @@ REQUIRED: dict[str, tuple[object, str]] = {
     "MultiSAETrainer._update_pbar": (MultiSAETrainer, "_update_pbar"),
     # Overridden by the data-parallel set trainer: the scaling factor of the global stream.
     "MultiSAETrainer._estimate_scaling_factors": (MultiSAETrainer, "_estimate_scaling_factors"),
+    # Overridden in the transcoder trainer: it resizes the firing counts to cfg.d_sae, not a CLT's
+    # number of features.
+    "SAETrainer._reset_running_sparsity_stats": (SAETrainer, "_reset_running_sparsity_stats"),
 }
 
 

@@ -252,7 +252,8 @@ def test_training_lowers_the_loss_and_raises_every_layers_ev(arch: str, architec
 
 def test_resume_from_a_checkpoint_ends_bit_identical(tmp_path: Path, dataset: Dataset) -> None:
     model = _model("gpt2")
-    settings = dict(n_checkpoints=2, training_tokens=CONTEXT * 160, lr_warm_up_steps=3, lr_scheduler_name="cosineannealing")
+    settings = dict(n_checkpoints=2, training_tokens=CONTEXT * 160, lr_warm_up_steps=3, lr_scheduler_name="cosineannealing",
+                    feature_sampling_window=7)  # sparsity windows reset (and straddle checkpoints)
     whole = TranscoderTrainingRunner(
         _config(tmp_path / "a", "jumprelu_clt", checkpoint_path=str(tmp_path / "a" / "ckpt"), **settings),
         override_model=model, override_dataset=dataset,

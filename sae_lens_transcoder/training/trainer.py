@@ -33,10 +33,19 @@ class TranscoderTrainer(SAETrainer):  # type: ignore[type-arg]
         super().__init__(*args, **kwargs)
         # SAETrainer sizes its dead-feature counters by cfg.d_sae; a cross-layer transcoder's
         # cfg.d_sae counts one layer's features and its feature_acts hold every layer's.
-        n_features = getattr(self.sae, "n_features", self.sae.cfg.d_sae)
-        if n_features != self.act_freq_scores.shape[0]:
-            self.act_freq_scores = self.act_freq_scores.new_zeros(n_features)
-            self.n_forward_passes_since_fired = self.n_forward_passes_since_fired.new_zeros(n_features)
+        if self._n_features != self.act_freq_scores.shape[0]:
+            self.act_freq_scores = self.act_freq_scores.new_zeros(self._n_features)
+            self.n_forward_passes_since_fired = self.n_forward_passes_since_fired.new_zeros(self._n_features)
+
+    @property
+    def _n_features(self) -> int:
+        return int(getattr(self.sae, "n_features", self.sae.cfg.d_sae))
+
+    @torch.no_grad()
+    def _reset_running_sparsity_stats(self) -> None:
+        # Overrides a private: SAELens rebuilds the firing counts at cfg.d_sae every sampling window.
+        super()._reset_running_sparsity_stats()
+        self.act_freq_scores = self.act_freq_scores.new_zeros(self._n_features)
 
     def step(self, batch: torch.Tensor) -> TrainStepOutput:
         output = super().step(batch)
