@@ -552,7 +552,18 @@ NOTES = [
 ]
 
 
-def main() -> None:
+def drive(
+    description: str,
+    models: dict[str, Any],
+    side_by_side_fn: Any,
+    table_fn: Any,
+    script: str,
+    workdir: Path,
+    out: Path,
+    stem: tuple[str, str] = ("results", "table"),
+) -> None:
+    """The command line of a side-by-side script: ``_ours`` (our side, run in a fresh process by
+    ``run``) or every model's side by side, written to ``out/{stem[0]}.json`` and ``{stem[1]}.md``."""
     if len(sys.argv) > 1 and sys.argv[1] == "_ours":
         p = argparse.ArgumentParser()
         p.add_argument("cmd")
@@ -566,8 +577,8 @@ def main() -> None:
         torch.set_num_threads(a.threads)
         run_ours(a.workdir, a.ct_path, a.out, a.batch_size, a.compare)
         return
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--models", nargs="+", default=list(models), choices=list(models))
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side, alternating")
     parser.add_argument("--batch-size", type=int, default=64, help="our targets per batch")
     parser.add_argument("--max-n-logits", type=int, default=10)
@@ -577,24 +588,29 @@ def main() -> None:
                         help="torch intra-op threads of each side (default 1: on a shared 2-core machine, "
                         "2 threads make both sides' timings swing by 10x)")
     parser.add_argument("--ct-python", default="/work/ct-venv/bin/python")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/circuit_tracer_side_by_side"))
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--table-only", action="store_true", help="only re-render table.md from --out/results.json")
+    parser.add_argument("--workdir", type=Path, default=workdir)
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--table-only", action="store_true", help=f"only re-render {stem[1]}.md from --out/{stem[0]}.json")
     args = parser.parse_args()
+    json_path, md_path = args.out / f"{stem[0]}.json", args.out / f"{stem[1]}.md"
     if args.table_only:
-        text = table(json.loads((args.out / "results.json").read_text()))
-        (args.out / "table.md").write_text(text)
+        text = table_fn(json.loads(json_path.read_text()))
+        md_path.write_text(text)
         print(text)
         return
-    results: dict[str, Any] = {"command": "PYTHONPATH=. python benchmarks/circuit_tracer_side_by_side.py " + " ".join(sys.argv[1:]),
-                               "models": {}}
+    results: dict[str, Any] = {"command": f"PYTHONPATH=. python benchmarks/{script} " + " ".join(sys.argv[1:]), "models": {}}
     for name in args.models:
-        results["models"][name] = side_by_side(name, args)
+        results["models"][name] = side_by_side_fn(name, args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    text = table(results)
-    (args.out / "table.md").write_text(text)
+    json_path.write_text(json.dumps(results, indent=1))
+    text = table_fn(results)
+    md_path.write_text(text)
     print(text)
+
+
+def main() -> None:
+    drive(__doc__.split("\n\n")[0], MODELS, side_by_side, table, "circuit_tracer_side_by_side.py",
+          Path("/tmp/circuit_tracer_side_by_side"), RESULTS)
 
 
 if __name__ == "__main__":

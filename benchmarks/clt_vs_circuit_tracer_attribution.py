@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from circuit_tracer_side_by_side import CALIBRATION, NOTES, _fmt_rel, load, run, run_ours, summarise
+from circuit_tracer_side_by_side import CALIBRATION, NOTES, _fmt_rel, drive, load, run, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "_circuit_tracer_worker.py"
@@ -232,45 +232,8 @@ def table(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "_ours":
-        p = argparse.ArgumentParser()
-        p.add_argument("cmd")
-        p.add_argument("workdir", type=Path)
-        p.add_argument("ct_path", type=Path)
-        p.add_argument("out", type=Path)
-        p.add_argument("--batch-size", type=int, default=64)
-        p.add_argument("--compare", action="store_true")
-        p.add_argument("--threads", type=int, default=1)
-        a = p.parse_args()
-        torch.set_num_threads(a.threads)
-        run_ours(a.workdir, a.ct_path, a.out, a.batch_size, a.compare)
-        return
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side, alternating")
-    parser.add_argument("--batch-size", type=int, default=64, help="our targets per batch")
-    parser.add_argument("--max-n-logits", type=int, default=10)
-    parser.add_argument("--desired-logit-prob", type=float, default=0.99)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--ct-python", default="/work/ct-venv/bin/python")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/clt_vs_circuit_tracer"))
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--table-only", action="store_true", help="only re-render attribution.md from --out/attribution.json")
-    args = parser.parse_args()
-    if args.table_only:
-        text = table(json.loads((args.out / "attribution.json").read_text()))
-        (args.out / "attribution.md").write_text(text)
-        print(text)
-        return
-    results: dict[str, Any] = {"command": "PYTHONPATH=. python benchmarks/clt_vs_circuit_tracer_attribution.py " + " ".join(sys.argv[1:]),
-                               "models": {}}
-    for name in args.models:
-        results["models"][name] = side_by_side(name, args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "attribution.json").write_text(json.dumps(results, indent=1))
-    text = table(results)
-    (args.out / "attribution.md").write_text(text)
-    print(text)
+    drive(__doc__.split("\n\n")[0], MODELS, side_by_side, table, "clt_vs_circuit_tracer_attribution.py",
+          Path("/tmp/clt_vs_circuit_tracer"), RESULTS, stem=("attribution", "attribution"))
 
 
 if __name__ == "__main__":
