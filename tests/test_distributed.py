@@ -239,7 +239,8 @@ def restarted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]
 
 def test_torchrun_max_restarts_resumes_from_the_last_complete_checkpoint(restarted: tuple[Path, str, str]) -> None:
     tmp_path, stdout, stderr = restarted
-    assert "sae-lens-transcoder train: rank 0: " in stderr, stderr[-3000:]  # rank 0 said why it stopped
+    # Whether rank 0 prints its PeerFailure here is a race: torchrun's agent may SIGTERM it first
+    # (the two-rank kill test checks that message without torchrun in between).
     assert stdout.count("trained 16,384 tokens") == 1, stdout  # rank 0 reports, once
     # The restart went on from the killed run's last complete checkpoint, in a run directory of its own.
     runs = sorted((tmp_path / "ck").iterdir(), key=lambda p: min(c.stat().st_mtime for c in p.iterdir()))
