@@ -23,6 +23,7 @@ from sae_lens_transcoder.saes.clt import CLT_CLASSES, TrainingCrossLayerTranscod
 from sae_lens_transcoder.saes.clt_files import load_clt, save_clt
 from sae_lens_transcoder.splicing import spliced
 from tests.conftest import CONTEXT, D_MODEL, D_VOCAB, build_model, runner_config
+from tests.family_models import TOKENIZER
 
 D_SAE = 48
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -69,6 +70,15 @@ def _model(arch: str) -> HookedTransformer:
 # ---------------------------------------------------------------- the model
 
 
+def _approx_nested(value: Any) -> Any:
+    """``value`` with every float wrapped in ``pytest.approx`` (1e-6), for comparing JSON-like dicts."""
+    if isinstance(value, dict):
+        return {k: _approx_nested(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_approx_nested(v) for v in value]
+    return pytest.approx(value, rel=1e-6, abs=1e-7) if isinstance(value, float) else value
+
+
 def test_zero_cross_layer_decoders_equal_the_per_layer_set() -> None:
     """A CLT whose features write only at their own layer is a per-layer set: same evals,
     same attributions (1e-6)."""
@@ -91,6 +101,15 @@ def test_zero_cross_layer_decoders_equal_the_per_layer_set() -> None:
     for layer in range(clt.n_layers):
         torch.testing.assert_close(contributions[0].features[layer], contributions[1].features[layer], rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(contributions[0].heads[layer], contributions[1].heads[layer], rtol=1e-6, atol=1e-7)
+    from sae_lens_transcoder.circuits.dashboard import feature_dashboard
+
+    model.set_tokenizer(TOKENIZER)
+    boards = (feature_dashboard(model, clt_replacement(clt), 3, tokens, upstream=[0], k=4, layer=1),
+              feature_dashboard(model, per_layer[1], 3, tokens, upstream=[per_layer[0]], k=4))
+    assert boards[0]["writes"] == [{"layer": 1, "norm": pytest.approx(boards[1]["writes"][0]["norm"], rel=1e-6)}]
+    for board in boards:
+        del board["writes"]
+    assert boards[0] == _approx_nested(boards[1])
 
 
 @pytest.mark.parametrize("architecture", list(SETTINGS))
@@ -315,7 +334,6 @@ def test_feature_files_of_clt_features(tmp_path: Path) -> None:
 
     from sae_lens_transcoder.circuits.trace import final_norm
     from sae_lens_transcoder.features.feature_files import write_feature_files
-    from tests.family_models import TOKENIZER
 
     model = _model("gpt2")
     model.set_tokenizer(TOKENIZER)
@@ -331,6 +349,64 @@ def test_feature_files_of_clt_features(tmp_path: Path) -> None:
     assert data["act_max"] == pytest.approx(float(acts.max()), rel=1e-4)
     assert data["activation_frequency"] == pytest.approx(float((acts > 0).float().mean()))
     assert data["top_logits"][0] == model.to_single_str_token(int(lens.argmax()))
+
+
+def test_dashboard_of_a_clt_feature_lists_its_writes_and_reads_their_sum(tmp_path: Path) -> None:
+    """A CLT feature's dashboard: its activations at its own layer, every layer it writes into,
+    the logit lens of its summed writes and connections from an earlier layer of the same CLT."""
+    from sae_lens_transcoder.circuits.dashboard import feature_dashboard, save_dashboard_html
+    from sae_lens_transcoder.circuits.weights import encoder_direction, logit_lens_readers
+
+    model = _model("llama3")
+    model.set_tokenizer(TOKENIZER)
+    replacement = clt_replacement(random_clt(model))
+    tokens = torch.randint(1, D_VOCAB, (6, CONTEXT), generator=torch.Generator().manual_seed(4))
+    feature, k = 3, 4
+    dashboard = feature_dashboard(model, replacement, feature, tokens, upstream=[0], k=k, layer=1)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter="blocks.1.mlp.hook_in")
+        acts = replacement.encode(1, cache["blocks.1.mlp.hook_in"])[..., feature]
+        written = replacement.decoder(1, 1)[feature] + replacement.decoder(1, 2)[feature]
+        lens = logit_lens_readers(model) @ written
+        connections = replacement.decoder(0, 0) @ encoder_direction(model, replacement, feature, layer=1)
+    assert [w["layer"] for w in dashboard["writes"]] == [1, 2]
+    assert dashboard["writes"][1]["norm"] == pytest.approx(float(replacement.decoder(1, 2)[feature].detach().norm()), rel=1e-6)
+    assert [c["activation"] for c in dashboard["contexts"]] == pytest.approx(acts.flatten().topk(k).values.tolist(), rel=1e-5)
+    assert dashboard["density"] == pytest.approx(float((acts > 0).float().mean()))
+    assert dashboard["logit_lens"]["top"][0]["score"] == pytest.approx(float(lens.max()), rel=1e-5)
+    assert [c["feature"] for c in dashboard["upstream"][0]["top"]] == connections.topk(k).indices.tolist()
+    save_dashboard_html(dashboard, tmp_path / "feature.html")
+    assert "writes into" in (tmp_path / "feature.html").read_text(encoding="utf-8")
+    with pytest.raises(ValueError, match="is not before layer 1"):
+        feature_dashboard(model, replacement, feature, tokens[:1], upstream=[2], layer=1)
+    with pytest.raises(ValueError, match="pass layer="):
+        feature_dashboard(model, replacement, feature, tokens[:1])
+
+
+def test_clt_feature_connections_equal_attribution_divided_by_activation_and_norm_scales() -> None:
+    """Weights-only connections from layer 0's features to a layer-2 feature: through the
+    residual they are the exact direct contributions (layer 0 writes into MLPs 0 and 1) over
+    the activation and the norm scale; through one head of layer 1 they also carry its
+    attention weight and source-token scale (only MLP 0's write reaches that head)."""
+    from sae_lens_transcoder.circuits.weights import feature_connections, ov_connections
+
+    model = _model("llama3")
+    replacement = clt_replacement(random_clt(model))
+    trace = trace_prompt(model, replacement, _prompt())
+    pos, src, head = 11, 4, 2
+    feature = int(trace.feature_acts[2][pos].argmax())
+    root = feature_target(trace, 2, feature, pos)
+    acts, scale = trace.feature_acts[0], trace.get("blocks.2.ln2.hook_scale")[pos, 0]
+    with torch.no_grad():
+        connection = feature_connections(model, replacement, replacement, feature, upstream_layer=0, downstream_layer=2)
+        through = ov_connections(model, replacement, replacement, feature, layer=1, head=head, upstream_layer=0, downstream_layer=2)
+    active = acts[pos] > 0
+    attribution = direct_contributions(trace, root).features[0]
+    torch.testing.assert_close(attribution[active] / acts[pos][active], connection[active] / scale, rtol=1e-4, atol=1e-6)
+    via_head = direct_contributions(trace, child_target(trace, root, Node("head", 1, pos, head, src))).features[0]
+    constants = trace.pattern(1)[head, pos, src] / (trace.get("blocks.1.ln1.hook_scale")[src, 0] * scale)
+    active = acts[src] > 0
+    torch.testing.assert_close(via_head[active], acts[src][active] * through[active] * constants, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("architecture", ["clt", "topk_clt"])

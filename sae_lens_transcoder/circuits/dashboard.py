@@ -1,9 +1,10 @@
 """Per-feature dashboards: where a feature fires on real text, and what its weights say.
 
-The contexts come from running the model with the transcoder spliced in (with the error
-term, so the model's own outputs are unchanged) over a token set, keeping only a streaming
-top-k; everything else is input-invariant (``weights.py``). The result is a plain dict of
-JSON types, so the same object is saved as JSON and rendered as a standalone HTML file.
+The contexts come from encoding the model's own activations at the features' input hook over
+a token set, keeping only a streaming top-k; everything else is input-invariant
+(``weights.py``). Any replacement set works, so a cross-layer transcoder's feature gets a
+dashboard too (it also lists the layers the feature writes into). The result is a plain dict
+of JSON types, so the same object is saved as JSON and rendered as a standalone HTML file.
 """
 
 import html
@@ -17,13 +18,17 @@ import torch
 from transformer_lens import HookedTransformer
 
 from sae_lens_transcoder.circuits.weights import (
+    Transcoders,
+    at_layer,
     de_embedding,
     feature_connections,
     logit_lens,
     ov_norm_map,
     top_tokens,
+    writes,
 )
-from sae_lens_transcoder.splicing import Splice, spliced
+from sae_lens_transcoder.hooks import ensure_input_hooks, hook_layer
+from sae_lens_transcoder.replacement import ReplacementSet
 
 Dashboard = dict[str, Any]
 
@@ -76,22 +81,23 @@ class _TopK:
 
 @torch.no_grad()
 def _scan(
-    model: HookedTransformer, splice: Splice, feature: int, tokens: torch.Tensor, k: int, batch_size: int
+    model: HookedTransformer, replacement: ReplacementSet, layer: int, feature: int, tokens: torch.Tensor, k: int, batch_size: int
 ) -> tuple[_TopK, float]:
     """One batched pass over ``tokens``: the top ``k`` activations and the activation density.
 
-    The model stops after the transcoder's layer, since nothing later changes its input.
+    The features read the model's own activations at ``hook_in(layer)`` (splicing with the
+    error term would leave them unchanged), so the model stops after that layer.
     """
+    hook = replacement.hook_in(layer)
+    ensure_input_hooks(model, [hook])
     top = _TopK.empty(k, tokens.shape[1])
     n_active = 0
-    with spliced(model, [splice], use_error_term=True):
-        for offset in range(0, tokens.shape[0], batch_size):
-            splice.last_feature_acts = None
-            model(tokens[offset : offset + batch_size].to(model.cfg.device), stop_at_layer=splice.layer + 1)
-            assert splice.last_feature_acts is not None, "the transcoder's hooks did not run"
-            acts = splice.last_feature_acts[..., feature]
-            top.update(acts, offset)
-            n_active += int((acts > 0).sum())
+    for offset in range(0, tokens.shape[0], batch_size):
+        batch = tokens[offset : offset + batch_size].to(model.cfg.device)
+        _, cache = model.run_with_cache(batch, names_filter=[hook], stop_at_layer=hook_layer(hook) + 1)
+        acts = replacement.encode(layer, cache[hook])[..., feature]
+        top.update(acts, offset)
+        n_active += int((acts > 0).sum())
     return top, n_active / tokens.numel()
 
 
@@ -107,16 +113,19 @@ def _contexts(model: HookedTransformer, top: _TopK, tokens: torch.Tensor, window
 
 def top_activating_contexts(
     model: HookedTransformer,
-    splice: Splice,
+    transcoders: Transcoders,
     feature: int,
     tokens: torch.Tensor,
     k: int = 10,
     window: tuple[int, int] = (8, 4),
     batch_size: int = 32,
+    layer: int | None = None,
 ) -> list[Context]:
-    """The ``k`` highest activations of ``feature`` over ``tokens`` ``[batch, seq]``, highest first,
-    each with ``window`` = (tokens before, tokens after) of context."""
-    top, _ = _scan(model, splice, feature, tokens, k, batch_size)
+    """The ``k`` highest activations of ``feature`` (of ``layer``, for a set covering several)
+    over ``tokens`` ``[batch, seq]``, highest first, each with ``window`` = (tokens before,
+    tokens after) of context."""
+    replacement, layer = at_layer(transcoders, layer)
+    top, _ = _scan(model, replacement, layer, feature, tokens, k, batch_size)
     return _contexts(model, top, tokens, window)
 
 
@@ -125,10 +134,10 @@ def _scored_tokens(model: HookedTransformer, scores: torch.Tensor, k: int) -> di
     return {name: [{"token": t, "score": s} for t, s in pairs] for name, pairs in (("top", top), ("bottom", bottom))}
 
 
-def _head_section(model: HookedTransformer, splice: Splice, feature: int, k: int) -> dict[str, Any]:
+def _head_section(model: HookedTransformer, replacement: ReplacementSet, layer: int, feature: int, k: int) -> dict[str, Any]:
     """Heads ranked by how strongly their OV circuit can write the feature's input direction,
     and what the best one would have to read at its source token."""
-    norms = ov_norm_map(model, splice, feature)
+    norms = ov_norm_map(model, replacement, feature, layer)
     if norms.numel() == 0:  # no attention layer before this MLP
         return {"top_heads": [], "best_head_de_embedding": {"top": [], "bottom": []}}
     values, flat = norms.flatten().topk(min(k, norms.numel()))
@@ -137,18 +146,26 @@ def _head_section(model: HookedTransformer, splice: Splice, feature: int, k: int
         for v, i in zip(values, flat)
     ]
     best = (heads[0]["layer"], heads[0]["head"])
-    return {"top_heads": heads, "best_head_de_embedding": _scored_tokens(model, de_embedding(model, splice, feature, head=best), k)}
+    de_embed = de_embedding(model, replacement, feature, head=best, layer=layer)
+    return {"top_heads": heads, "best_head_de_embedding": _scored_tokens(model, de_embed, k)}
 
 
-def _connections(model: HookedTransformer, upstream: Splice, splice: Splice, feature: int, k: int) -> dict[str, Any]:
-    """The upstream transcoder's features that excite and inhibit ``feature`` most, weights only."""
-    if upstream.layer >= splice.layer:
-        raise ValueError(f"upstream transcoder {upstream.hook_name_out!r} is not before layer {splice.layer}.")
-    scores = feature_connections(model, upstream, splice, feature)
+Upstream = Transcoders | int
+
+
+def _connections(
+    model: HookedTransformer, upstream: Upstream, replacement: ReplacementSet, layer: int, feature: int, k: int
+) -> dict[str, Any]:
+    """The upstream features that excite and inhibit ``feature`` most, weights only; an ``int``
+    upstream is that layer of the feature's own transcoders."""
+    up_set, up_layer = at_layer(replacement, upstream) if isinstance(upstream, int) else at_layer(upstream)
+    if up_layer >= layer:
+        raise ValueError(f"upstream transcoder {up_set.hook_out(up_layer)!r} is not before layer {layer}.")
+    scores = feature_connections(model, up_set, replacement, feature, up_layer, layer)
     top, bottom = scores.topk(min(k, len(scores))), (-scores).topk(min(k, len(scores)))
     return {
-        "hook_name": upstream.hook_name,
-        "layer": upstream.layer,
+        "hook_name": up_set.hook_in(up_layer),
+        "layer": up_layer,
         "top": [{"feature": int(i), "score": float(v)} for v, i in zip(top.values, top.indices)],
         "bottom": [{"feature": int(i), "score": -float(v)} for v, i in zip(bottom.values, bottom.indices)],
     }
@@ -156,28 +173,37 @@ def _connections(model: HookedTransformer, upstream: Splice, splice: Splice, fea
 
 def feature_dashboard(
     model: HookedTransformer,
-    splice: Splice,
+    transcoders: Transcoders,
     feature: int,
     tokens: torch.Tensor,
-    upstream: Sequence[Splice] = (),
+    upstream: Sequence[Upstream] = (),
     k: int = 10,
     window: tuple[int, int] = (8, 4),
     batch_size: int = 32,
+    layer: int | None = None,
 ) -> Dashboard:
-    """Everything known about one feature, as JSON types: top contexts, density, logit lens,
-    de-embedding, top heads by OV norm, and connections from each ``upstream`` transcoder."""
-    top, density = _scan(model, splice, feature, tokens, k, batch_size)
+    """Everything known about one feature, as JSON types: top contexts, density, the layers it
+    writes into, logit lens, de-embedding, top heads by OV norm, and connections from each
+    ``upstream`` transcoder (or, given as an int, each earlier layer of the same transcoders).
+
+    ``transcoders`` is one transcoder, or a replacement set and ``layer`` the layer the
+    feature reads — a cross-layer transcoder's feature writes into several layers, and its
+    logit lens and connections are those of its summed writes.
+    """
+    replacement, layer = at_layer(transcoders, layer)
+    top, density = _scan(model, replacement, layer, feature, tokens, k, batch_size)
     return {
         "feature": feature,
-        "hook_name": splice.hook_name,
-        "layer": splice.layer,
+        "hook_name": replacement.hook_in(layer),
+        "layer": layer,
         "n_tokens": tokens.numel(),
         "density": density,
+        "writes": [{"layer": out, "norm": norm} for out, norm in writes(replacement, feature, layer)],
         "contexts": [asdict(c) for c in _contexts(model, top, tokens, window)],
-        "logit_lens": _scored_tokens(model, logit_lens(model, splice, feature), k),
-        "de_embedding": _scored_tokens(model, de_embedding(model, splice, feature), k),
-        **_head_section(model, splice, feature, k),
-        "upstream": [_connections(model, up, splice, feature, k) for up in upstream],
+        "logit_lens": _scored_tokens(model, logit_lens(model, replacement, feature, layer), k),
+        "de_embedding": _scored_tokens(model, de_embedding(model, replacement, feature, layer=layer), k),
+        **_head_section(model, replacement, layer, feature, k),
+        "upstream": [_connections(model, up, replacement, layer, feature, k) for up in upstream],
     }
 
 
@@ -239,6 +265,7 @@ def save_dashboard_html(dashboard: Dashboard, path: str | Path) -> None:
     body = [
         f"<h1>{html.escape(title)}</h1>",
         f"<p>density {dashboard['density']:.3%} of {dashboard['n_tokens']} tokens</p>",
+        _table("writes into", ("layer", "decoder norm"), [(w["layer"], w["norm"]) for w in dashboard["writes"]]),
         "<h2>Top activating contexts</h2>",
         *(_context_html(c, max_act) for c in dashboard["contexts"]),
         "<h2>Logit lens</h2>",

@@ -36,8 +36,7 @@ from sae_lens.saes.sae import SAE
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from sae_lens_transcoder.circuits.trace import final_norm, transcoder_input_norm
-from sae_lens_transcoder.circuits.weights import top_tokens
+from sae_lens_transcoder.circuits.weights import decoder_directions, encoder_directions, logit_lens_readers, top_tokens
 from sae_lens_transcoder.features.paths import (
     cantor_pair,
     feature_file_path,
@@ -45,7 +44,7 @@ from sae_lens_transcoder.features.paths import (
     scan_for_layer,
 )
 from sae_lens_transcoder.features.streaming import PAD_TOKEN, GrowingHistogram, KeptContexts, hash_uniform
-from sae_lens_transcoder.hooks import ensure_mlp_hook_in, hook_layer
+from sae_lens_transcoder.hooks import ensure_input_hooks, hook_layer
 from sae_lens_transcoder.replacement import ReplacementSet, Splice, as_replacement_set
 
 FeatureFile = dict[str, Any]
@@ -136,8 +135,8 @@ def scan_features(
     if tokens.dim() != 2 or tokens.shape[0] == 0:
         raise ValueError(f"dataset tokens must be [n_sequences, context] with at least one sequence; got {tuple(tokens.shape)}.")
     chosen = _check_features(replacement, features)
-    ensure_mlp_hook_in(model)
     hooks = {layer: replacement.hook_in(layer) for layer in chosen}
+    ensure_input_hooks(model, hooks.values())
     stop = max(hook_layer(name) for name in hooks.values()) + 1
     before, after = options.window
     n_sample = options.n_quantiles * options.n_per_quantile
@@ -214,30 +213,18 @@ def _quantile_groups(scan: _LayerScan, j: int, n_quantiles: int, vocab: dict[int
     return groups
 
 
-def _output_directions(replacement: ReplacementSet, layer: int, features: torch.Tensor) -> torch.Tensor:
-    """``[n, d_model]``: everything layer ``layer``'s features write, summed over output layers
-    (one for a per-layer set, every later layer for a cross-layer transcoder)."""
-    outputs = [out for out in replacement.layers if layer in replacement.sources(out)]
-    return sum(replacement.decoder(layer, out)[features] for out in outputs)  # type: ignore[return-value]
-
-
 @torch.no_grad()
 def weight_views(
     model: HookedTransformer, replacement: ReplacementSet, layer: int, features: torch.Tensor, chunk: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logit lens, de-embedding)``, each ``[n_features, d_vocab]``, for ``features`` of ``layer``.
-
-    The logit lens is the decoder row read through the final norm's weight and ``W_U``; the
-    de-embedding is ``W_E`` read by the encoder column through the input norm's weight (the
-    same maps as ``circuits/weights.py``, for many features and any replacement set). Norm
-    scales vary per token and are left out. ``chunk`` bounds memory for large vocabularies.
-    """
-    readers = final_norm(model).read_direction(model.W_U.T)  # [vocab, d_model]
-    input_norm = transcoder_input_norm(model, replacement.hook_in(layer), layer)
+    """``(logit lens, de-embedding)``, each ``[n_features, d_vocab]``, for ``features`` of ``layer``:
+    ``circuits/weights.py``'s maps for many features at once (a cross-layer feature's writes
+    summed over its output layers); ``chunk`` bounds memory for large vocabularies."""
+    readers = logit_lens_readers(model)  # [vocab, d_model]
     lens, de_embed = [], []
     for part in features.split(chunk):
-        lens.append((_output_directions(replacement, layer, part).to(readers.dtype) @ readers.T).float().cpu())
-        encoder = input_norm.read_direction(replacement.encoder(layer)[:, part].T.to(model.W_E.dtype))
+        lens.append((decoder_directions(replacement, layer, features=part).to(readers.dtype) @ readers.T).float().cpu())
+        encoder = encoder_directions(model, replacement, layer, part).to(model.W_E.dtype)
         de_embed.append((encoder @ model.W_E.T).float().cpu())
     return torch.cat(lens), torch.cat(de_embed)
 
