@@ -215,3 +215,19 @@ def test_files_do_not_depend_on_batching_or_passes(setup: Setup) -> None:
         assert sum(other["histogram"]) == sum(data["histogram"])
         width = 2 * data["act_max"] / OPTIONS.histogram_resolution
         assert other["quantile_values"] == pytest.approx(data["quantile_values"], abs=2 * width + 1e-4)
+
+
+def test_transcoders_reading_hook_mlp_in_get_files_on_a_model_that_does_not_run_it() -> None:
+    """TransformerLens runs ``hook_mlp_in`` only with ``use_hook_mlp_in``; the scan turns it on
+    instead of finding nothing in the cache. ``hook_mlp_in`` is the residual ``hook_resid_mid``."""
+    model = load_model("tiny-gpt2")
+    model.set_use_hook_mlp_in(False)
+    transcoder = random_transcoder(model, 1, hook="hook_mlp_in")
+    tokens = heldout_tokens(model, load_text_split("test"), 32, 32 * 4)
+    files = build_feature_files(model, [transcoder], {1: [2]}, tokens, SCAN, OPTIONS, progress=False)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter="blocks.1.hook_resid_mid")
+        acts = PerLayerTranscoders([transcoder]).encode(1, cache["blocks.1.hook_resid_mid"])[..., 2]
+    assert files[(1, 2)]["hook_name"] == "blocks.1.hook_mlp_in"
+    assert files[(1, 2)]["act_max"] == pytest.approx(float(acts.max()), rel=1e-3)
+    assert files[(1, 2)]["activation_frequency"] == pytest.approx(float((acts > 0).float().mean()))
