@@ -220,6 +220,48 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(results: dict[str, Any], path: Path) -> Path:
+    """Three panels: per-layer FVU, nodes carrying 80% of the influence per prompt (CLT against
+    set), and the replacement / completeness scores per prompt."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev, graphs = results["eval"], results["graphs"]
+    colours = {"set": "tab:blue", "clt": "tab:orange"}
+    names = {"set": "per-layer set", "clt": "CLT"}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    for kind in KINDS:
+        rows = ev[kind]["per_transcoder"]
+        axes[0].plot([r["layer"] for r in rows], [r["fvu"] for r in rows], "o-", color=colours[kind], label=names[kind])
+    axes[0].set(xlabel="layer", ylabel="FVU (lower is better)", title="Per-layer FVU, held-out tokens")
+    axes[0].legend()
+    nodes = {kind: [g["nodes_80"] for g in graphs[kind]] for kind in KINDS}
+    axes[1].scatter(nodes["set"], nodes["clt"], color="tab:purple")
+    low, high = min(min(v) for v in nodes.values()) * 0.95, max(max(v) for v in nodes.values()) * 1.05
+    axes[1].plot([low, high], [low, high], "k--", linewidth=0.8, label="equal")
+    axes[1].set(xlabel="nodes, per-layer set", ylabel="nodes, CLT", xlim=(low, high), ylim=(low, high),
+                title=f"Nodes for 80% of influence ({len(nodes['set'])} prompts)")
+    axes[1].legend()
+    for offset, score in ((0, "replacement_score"), (1, "completeness_score")):
+        for shift, kind in ((-0.15, "set"), (0.15, "clt")):
+            values = [g[score] for g in graphs[kind]]
+            axes[2].scatter([offset + shift] * len(values), values, color=colours[kind], alpha=0.5, s=14,
+                            label=names[kind] if offset == 0 else None)
+            axes[2].hlines(statistics.mean(values), offset + shift - 0.1, offset + shift + 0.1, color=colours[kind])
+    axes[2].set_xticks([0, 1], ["replacement score", "completeness score"])
+    axes[2].set(ylabel="score (higher is better)", title="circuit-tracer's graph scores (bar: mean)")
+    axes[2].legend()
+    a = results["args"]
+    fig.suptitle(f"SmolLM2-135M MLPs 0-{a['layers'] - 1}: CLT vs per-layer set, TopK k={a['k']} per layer, "
+                 f"d_sae {a['d_sae']}, {a['tokens']:,} training tokens each")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _metrics(everything: dict[str, Any], replacement: ReplacementSet) -> dict[str, Any]:
     keep = ("n_tokens", "ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablation", "ce_loss_mean_ablation",
             "ce_loss_recovered", "ce_loss_recovered_mean", "kl_div", "fvu", "l0")
@@ -284,6 +326,7 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     text = table(results)
     (out / "table.md").write_text(text)
+    plot(results, out / "clt_vs_set.png")
     print(text)
 
 

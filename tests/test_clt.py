@@ -38,11 +38,13 @@ def _hooks(n_layers: int) -> list[tuple[str, str]]:
     return [(f"blocks.{layer}.mlp.hook_in", f"blocks.{layer}.hook_mlp_out") for layer in range(n_layers)]
 
 
-def random_clt(model: HookedTransformer, architecture: str = "clt", seed: int = 0, **settings: Any) -> TrainingCrossLayerTranscoder:
+def random_clt(
+    model: HookedTransformer, architecture: str = "clt", seed: int = 0, d_sae: int = D_SAE, **settings: Any
+) -> TrainingCrossLayerTranscoder:
     """A CLT over every MLP of ``model`` whose features fire on about half the tokens."""
     n_layers = model.cfg.n_layers
     config_class = CLT_CLASSES[architecture][1]
-    cfg = config_class(d_in=D_MODEL, d_sae=D_SAE, n_layers=n_layers, **{**SETTINGS[architecture], **settings})
+    cfg = config_class(d_in=D_MODEL, d_sae=d_sae, n_layers=n_layers, **{**SETTINGS[architecture], **settings})
     cfg.metadata[CLT_HOOKS_KEY] = [list(pair) for pair in _hooks(n_layers)]
     torch.manual_seed(seed)
     clt = TrainingCrossLayerTranscoder(cfg)
@@ -349,6 +351,20 @@ def test_feature_files_of_clt_features(tmp_path: Path) -> None:
     assert data["act_max"] == pytest.approx(float(acts.max()), rel=1e-4)
     assert data["activation_frequency"] == pytest.approx(float((acts > 0).float().mean()))
     assert data["top_logits"][0] == model.to_single_str_token(int(lens.argmax()))
+
+
+def test_a_trace_holds_views_of_the_clts_weights_not_copies() -> None:
+    """A trace keeps every (source, output) decoder and every encoder: as views of the CLT's own
+    weights, so tracing a large CLT does not hold it twice; a training scale makes copies."""
+    model = _model("gpt2")
+    clt = random_clt(model)
+    trace = trace_prompt(model, clt_replacement(clt), _prompt())
+    for (source, layer), decoder in trace.decoders.items():
+        assert decoder.untyped_storage().data_ptr() == clt.W_dec[source].untyped_storage().data_ptr()
+    assert all(e.untyped_storage().data_ptr() == clt.W_enc.untyped_storage().data_ptr() for e in trace.encoders.values())
+    scaled = trace_prompt(model, clt_replacement(clt, input_scale=2.0), _prompt())
+    torch.testing.assert_close(scaled.decoders[0, 1], trace.decoders[0, 1] / 2.0)
+    assert scaled.decoders[0, 1].untyped_storage().data_ptr() != clt.W_dec[0].untyped_storage().data_ptr()
 
 
 def test_dashboard_of_a_clt_feature_lists_its_writes_and_reads_their_sum(tmp_path: Path) -> None:

@@ -67,7 +67,8 @@ class CrossLayerTranscoders(ReplacementSet):
         return hidden_pre.relu()
 
     def encoder(self, layer: int) -> torch.Tensor:
-        return self.clt.W_enc[self._index[self._layer(layer)]] * self.input_scale
+        encoder = self.clt.W_enc[self._index[self._layer(layer)]]
+        return encoder if self.input_scale == 1 else encoder * self.input_scale
 
     def b_enc(self, layer: int) -> torch.Tensor:
         return self.clt.b_enc[self._index[self._layer(layer)]]
@@ -76,7 +77,8 @@ class CrossLayerTranscoders(ReplacementSet):
         i, j = self._index[self._layer(source)], self._index[self._layer(layer)]
         if j < i:
             raise KeyError(f"layer {source}'s features write into layers {self._layers[i:]}, not {layer}.")
-        return self.clt.W_dec[i][:, j - i] / self.input_scale
+        decoder = self.clt.W_dec[i][:, j - i]
+        return decoder if self.input_scale == 1 else decoder / self.input_scale  # a view, not a copy, when unscaled
 
     def b_dec(self, layer: int) -> torch.Tensor:
         return self.clt.b_dec[self._index[self._layer(layer)]] / self.input_scale

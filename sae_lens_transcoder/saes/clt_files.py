@@ -150,6 +150,8 @@ def load_clt(directory: str | Path, device: str = "cpu") -> CrossLayerTranscoder
         stacked["log_threshold"] = stacked.pop("threshold").log()
     elif cfg.activation == "batchtopk":
         stacked["topk_threshold"] = stacked.pop("threshold")[:, 0]
-    clt.load_state_dict({**stacked, **state})
+    # assign=True keeps the decoders safetensors loaded (on CPU, zero-copy maps of the files)
+    # instead of copying them into the freshly initialised ones: one copy in memory, not two.
+    clt.load_state_dict({**stacked, **state}, assign=True)
     clt._data_init_pending = False
     return clt_replacement(clt.eval())
