@@ -291,6 +291,43 @@ def test_resume_from_a_checkpoint_ends_bit_identical(tmp_path: Path, dataset: Da
         assert torch.equal(a, b), name
 
 
+def test_sigterm_mid_step_checkpoints_and_resume_ends_bit_identical(
+    tmp_path: Path, dataset: Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pre-emption in the middle of a CLT step: that step finishes, a complete checkpoint is
+    written, nothing is saved as the output, and resuming ends bit-identical to an unstopped run."""
+    import os
+    import signal
+
+    from sae_lens_transcoder.llm_transcoder_training_runner import CHECKPOINT_COMPLETE_FILENAME
+    from sae_lens_transcoder.training.trainer import TrainingInterrupted
+
+    model = _model("gpt2")
+    settings: dict[str, Any] = dict(n_checkpoints=0, training_tokens=CONTEXT * 160, lr_warm_up_steps=3)
+
+    def run(name: str, **more: Any) -> TrainingCrossLayerTranscoder:
+        cfg = _config(tmp_path / name, "clt", checkpoint_path=str(tmp_path / name / "ckpt"), **settings, **more)
+        return TranscoderTrainingRunner(cfg, override_model=model, override_dataset=dataset).run()
+
+    whole = run("whole")
+    step = TrainingCrossLayerTranscoder.training_forward_pass
+
+    def preempted(self: TrainingCrossLayerTranscoder, step_input: Any) -> Any:
+        if step_input.n_training_steps == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, step_input)
+
+    monkeypatch.setattr(TrainingCrossLayerTranscoder, "training_forward_pass", preempted)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        run("stopped")
+    monkeypatch.undo()
+    assert (stopped.value.checkpoint / CHECKPOINT_COMPLETE_FILENAME).is_file()
+    assert not (tmp_path / "stopped" / "out").exists()
+    resumed = run("resumed", resume_from_checkpoint=str(stopped.value.checkpoint))
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def test_cli_trains_a_clt(tmp_path: Path) -> None:
     from sae_lens_transcoder.cli import evaluate as evaluate_cli
     from sae_lens_transcoder.cli import main
