@@ -3,12 +3,14 @@
 Kept apart from the test module so spawned ranks import only this (and conftest's builders).
 """
 
+import copy
 import datetime
 import os
 import signal
 import socket
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.util import temporary_seed
 
 from sae_lens_transcoder import TrainingTranscoder, TranscoderTrainingRunner
+from sae_lens_transcoder.hooks import mlp_out_hook
 from tests.conftest import build_model, runner_config
 
 BATCH = 256  # the global batch
@@ -73,6 +76,17 @@ class KillAt(TrainingTranscoder):
         return super().training_forward_pass(step_input)
 
 
+def set_dying_at_layer(cfg: LanguageModelSAERunnerConfig[Any], n_layers: int, kill_layer: int) -> dict[int, Any]:
+    """The runner's initial set of MLPs 0..n_layers-1 (seeded per layer, as it builds them),
+    with ``kill_layer``'s transcoder a :class:`KillAt`."""
+    saes = {}
+    for layer in range(n_layers):
+        layer_cfg = replace(copy.deepcopy(cfg.sae), mlp_layer=layer, mlp_layers=None, hook_name_out=mlp_out_hook(layer))
+        with temporary_seed(cfg.seed + layer):
+            saes[layer] = (KillAt if layer == kill_layer else TrainingTranscoder)(layer_cfg)
+    return saes
+
+
 def record_writes(under: Path) -> list[str]:
     """Every file or directory change this process makes under ``under`` from Python (opening
     for writing, renaming, creating, removing), as ``"event path"`` lines. Files that Rust
@@ -104,17 +118,28 @@ def run_rank(rank: int, world_size: int, port: int, job: dict[str, Any], results
     writes = record_writes(Path(job["root"]) / job["name"]) if rank > 0 else []
     try:
         cfg = job_config(Path(job["root"]), job["name"], **job.get("overrides", {}))
-        sae = None
+        sae, saes = None, None
         if rank == job.get("kill_rank"):
-            with temporary_seed(cfg.seed + 1):  # the runner's initial weights for MLP 1
-                sae = KillAt(cfg.sae)
-        runner = TranscoderTrainingRunner(cfg, override_model=build_model("gpt2"), override_dataset=dataset(), override_sae=sae)
+            if cfg.sae.mlp_layers is None:
+                with temporary_seed(cfg.seed + 1):  # the runner's initial weights for MLP 1
+                    sae = KillAt(cfg.sae)
+            else:
+                saes = set_dying_at_layer(cfg, job["n_layers"], job["kill_layer"])
+        runner = TranscoderTrainingRunner(
+            cfg,
+            override_model=build_model("gpt2", n_layers=job.get("n_layers", 2)),
+            override_dataset=dataset(),
+            override_sae=sae,
+            override_saes=saes,
+            distributed_layers=job.get("layers", "replicate"),
+        )
         runner.run()
         assert runner.trainer is not None
         trainers = runner.trainer.trainers
         torch.save(
             {
                 "weights": {name: trainer.sae.state_dict() for name, trainer in trainers.items()},
+                "set": {layer: transcoder.state_dict() for layer, transcoder in runner.transcoders.items()},
                 "since_fired": {name: trainer.n_forward_passes_since_fired for name, trainer in trainers.items()},
                 "act_freq": {name: trainer.act_freq_scores for name, trainer in trainers.items()},
                 "steps": runner.trainer.n_training_steps,

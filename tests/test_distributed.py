@@ -20,6 +20,7 @@ from sae_lens_transcoder.cli import main
 from sae_lens_transcoder.distributed.data import per_rank_batch_tokens
 from sae_lens_transcoder.distributed.launch import resume_latest
 from sae_lens_transcoder.distributed.world import World
+from sae_lens_transcoder.replacement.saving import layer_dir
 from sae_lens_transcoder.training.checkpoint_view import CHECKPOINT_COMPLETE_FILENAME
 from tests.conftest import build_model
 from tests.distributed_workers import dataset, job_config, spawn_ranks
@@ -57,11 +58,11 @@ def full_run(root: Path) -> dict[int, dict[str, Any]]:
     return {rank: torch.load(root / "full-results" / f"rank{rank}.pt") for rank in (0, 1)}
 
 
-def _train_single(root: Path, name: str, **overrides: Any) -> TranscoderTrainingRunner:
+def _train_single(root: Path, name: str, n_layers: int = 2, **overrides: Any) -> TranscoderTrainingRunner:
     """One process on the global batch, reading the ranks' data side by side."""
     single = TranscoderTrainingRunner(
         job_config(root, name, store_batch_size_prompts=2 * STORE_BATCH_PROMPTS, **overrides),
-        override_model=build_model("gpt2"),
+        override_model=build_model("gpt2", n_layers=n_layers),
         override_dataset=_rank_order(dataset()),
     )
     single.run()
@@ -93,6 +94,43 @@ def test_a_two_rank_set_trains_as_one_process_does(root: Path) -> None:
     ranks = tuple(torch.load(root / "set-results" / f"rank{rank}.pt") for rank in (0, 1))
     assert sorted(ranks[0]["weights"]) == ["layer_0", "layer_1"]
     _assert_ranks_match_one_process(ranks, _train_single(root, "single-set", **layers))
+
+
+SHARDED_SET = {"sae": {"mlp_layer": None, "mlp_layers": "all"}}
+
+
+@pytest.fixture(scope="module")
+def sharded_run(root: Path) -> tuple[dict[str, Any], ...]:
+    """The uninterrupted layer-sharded 2-rank run of a 3-layer set, as each rank ended it."""
+    job = {"root": str(root), "name": "sharded", "overrides": SHARDED_SET, "layers": "shard", "n_layers": 3}
+    codes = spawn_ranks(job, root / "sharded-results")
+    assert codes == [0, 0], [p.read_text() for p in (root / "sharded-results").glob("*.error")]
+    return tuple(torch.load(root / "sharded-results" / f"rank{rank}.pt") for rank in (0, 1))
+
+
+def test_a_layer_sharded_set_trains_as_one_process_does(root: Path, sharded_run: tuple[dict[str, Any], ...]) -> None:
+    # Round-robin: rank 0 trains layers 0 and 2, rank 1 layer 1, each on both ranks' batches.
+    assert sorted(sharded_run[0]["weights"]) == ["layer_0", "layer_2"]
+    assert sorted(sharded_run[1]["weights"]) == ["layer_1"]
+    single = _train_single(root, "single-sharded", n_layers=3, **SHARDED_SET)
+    assert single.trainer is not None
+    for rank in sharded_run:
+        assert rank["steps"] == single.trainer.n_training_steps == 40
+        for name in rank["weights"]:
+            trainer = single.trainer.trainers[name]
+            assert torch.equal(rank["since_fired"][name], trainer.n_forward_passes_since_fired)
+            assert torch.equal(rank["act_freq"][name], trainer.act_freq_scores)
+    # Every rank ends with the whole trained set, its owners' transcoders.
+    for layer, transcoder in single.transcoders.items():
+        for key, value in transcoder.state_dict().items():
+            torch.testing.assert_close(sharded_run[0]["set"][layer][key], value, rtol=0, atol=1e-5)
+            assert torch.equal(sharded_run[0]["set"][layer][key], sharded_run[1]["set"][layer][key]), f"the ranks' layer {layer} {key} differ"
+    # Rank 0 saved all three layers, as written by their owners' training.
+    for layer in (0, 1, 2):
+        written = SAE.load_from_disk(root / "sharded" / "out" / layer_dir(layer))
+        assert torch.equal(written.W_dec.detach(), sharded_run[1]["set"][layer]["W_dec"]), layer
+    checkpoint = _checkpoints(root, "sharded")[-1]
+    assert sorted(p.name for p in checkpoint.glob("layer_*")) == ["layer_0", "layer_1", "layer_2"]
 
 
 def test_a_two_rank_cross_layer_transcoder_trains_as_one_process_does(root: Path) -> None:
