@@ -19,6 +19,7 @@ from sae_lens_transcoder import TranscoderTrainingRunner
 from sae_lens_transcoder.cli import main
 from sae_lens_transcoder.distributed.data import per_rank_batch_tokens
 from sae_lens_transcoder.distributed.launch import resume_latest
+from sae_lens_transcoder.distributed.layers import check_layer_mode
 from sae_lens_transcoder.distributed.world import World
 from sae_lens_transcoder.replacement.saving import layer_dir
 from sae_lens_transcoder.training.checkpoint_view import CHECKPOINT_COMPLETE_FILENAME
@@ -59,13 +60,19 @@ def full_run(root: Path) -> dict[int, dict[str, Any]]:
 
 
 def _train_single(root: Path, name: str, n_layers: int = 2, **overrides: Any) -> TranscoderTrainingRunner:
-    """One process on the global batch, reading the ranks' data side by side."""
+    """One process on the global batch, reading the ranks' data side by side (on one thread, as
+    each rank runs: two threads on this machine's two shared cores take 20 times longer)."""
     single = TranscoderTrainingRunner(
         job_config(root, name, store_batch_size_prompts=2 * STORE_BATCH_PROMPTS, **overrides),
         override_model=build_model("gpt2", n_layers=n_layers),
         override_dataset=_rank_order(dataset()),
     )
-    single.run()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single.run()
+    finally:
+        torch.set_num_threads(threads)
     return single
 
 
@@ -131,6 +138,38 @@ def test_a_layer_sharded_set_trains_as_one_process_does(root: Path, sharded_run:
         assert torch.equal(written.W_dec.detach(), sharded_run[1]["set"][layer]["W_dec"]), layer
     checkpoint = _checkpoints(root, "sharded")[-1]
     assert sorted(p.name for p in checkpoint.glob("layer_*")) == ["layer_0", "layer_1", "layer_2"]
+
+
+def test_a_killed_sharded_run_resumes_bit_identically(root: Path, sharded_run: tuple[dict[str, Any], ...]) -> None:
+    job = {"root": str(root), "overrides": SHARDED_SET, "layers": "shard", "n_layers": 3}
+    codes = spawn_ranks({**job, "name": "sharded-killed", "kill_rank": 1, "kill_layer": 1}, root / "sharded-killed-results")
+    assert codes == [1, -9]  # rank 1 SIGKILLed in step 25, in its layer's forward pass; rank 0 failed, did not hang
+    error = (root / "sharded-killed-results" / "rank0.error").read_text()
+    # Rank 0 may have finished step 25 (its owners got rank 1's rows before it died): it fails at the next collective.
+    assert error.startswith("PeerFailure: rank 0: ") and "with the other ranks failed" in error, error
+    checkpoints = _checkpoints(root, "sharded-killed")
+    assert [int(c.name) for c in checkpoints] == [11 * 256, 21 * 256]
+    restart = {**SHARDED_SET, "resume_from_checkpoint": str(checkpoints[-1]), "checkpoint_path": str(root / "sharded-killed" / "ckpt")}
+    resumed = spawn_ranks({**job, "name": "sharded-resumed", "overrides": restart}, root / "sharded-resumed-results")
+    assert resumed == [0, 0], [p.read_text() for p in (root / "sharded-resumed-results").glob("*.error")]
+    for rank in (0, 1):
+        state = torch.load(root / "sharded-resumed-results" / f"rank{rank}.pt")
+        for layer, transcoder in sharded_run[rank]["set"].items():
+            for key, value in transcoder.items():
+                assert torch.equal(state["set"][layer][key], value), f"rank {rank}: layer {layer} {key} differs after resuming"
+        for name in sharded_run[rank]["weights"]:
+            assert torch.equal(state["since_fired"][name], sharded_run[rank]["since_fired"][name])
+            assert torch.equal(state["act_freq"][name], sharded_run[rank]["act_freq"][name])
+
+
+def test_layer_sharding_refuses_what_it_cannot_split(root: Path) -> None:
+    clt = {"sae": {"architecture": "clt", "mlp_layer": None, "mlp_layers": "all", "d_sae": 96, "normalize_activations": "none"}}
+    codes = spawn_ranks({"root": str(root), "name": "sharded-clt", "overrides": clt, "layers": "shard"}, root / "sharded-clt-results")
+    assert codes == [1, 1]
+    error = (root / "sharded-clt-results" / "rank0.error").read_text()
+    assert "distributed_layers='shard' cannot split a cross-layer transcoder" in error and "distributed_layers='replicate'" in error
+    with pytest.raises(ValueError, match=r"set has 2 layer\(s\) for 3 ranks; train on at most 2 ranks"):
+        check_layer_mode("shard", World(rank=0, size=3), n_layers=2, is_clt=False)
 
 
 def test_a_two_rank_cross_layer_transcoder_trains_as_one_process_does(root: Path) -> None:
