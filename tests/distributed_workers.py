@@ -11,6 +11,7 @@ import socket
 import sys
 import traceback
 from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.util import temporary_seed
 
 from sae_lens_transcoder import TrainingTranscoder, TranscoderTrainingRunner
+from sae_lens_transcoder.cli import main
 from sae_lens_transcoder.hooks import mlp_out_hook
 from tests.conftest import build_model, runner_config
 
@@ -156,14 +158,30 @@ def run_rank(rank: int, world_size: int, port: int, job: dict[str, Any], results
             dist.destroy_process_group()
 
 
-def spawn_ranks(job: dict[str, Any], results: Path, world_size: int = 2, join_timeout_s: float = 240) -> list[int | None]:
-    """Start the ranks as separate processes and wait for each; their exit codes."""
+def attribute_rank(rank: int, world_size: int, port: int, job: dict[str, Any], results: str) -> None:
+    """``sae-lens-transcoder attribute job["argv"]`` as ``rank`` (the error, if any, under ``results``)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    try:
+        main(job["argv"])
+    except BaseException as error:
+        (Path(results) / f"rank{rank}.error").write_text(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(
+    job: dict[str, Any], results: Path, world_size: int = 2, join_timeout_s: float = 240, target: Callable[..., None] = run_rank
+) -> list[int | None]:
+    """Start the ranks as separate processes running ``target`` and wait for each; their exit codes."""
     results.mkdir(parents=True, exist_ok=True)
     port = free_port()
     # A fork server that imported everything once forks each rank: no per-rank start-up.
     context = mp.get_context("forkserver")
     context.set_forkserver_preload([__name__])
-    processes = [context.Process(target=run_rank, args=(r, world_size, port, job, str(results))) for r in range(world_size)]
+    processes = [context.Process(target=target, args=(r, world_size, port, job, str(results))) for r in range(world_size)]
     for process in processes:
         process.start()
     for process in processes:

@@ -2,6 +2,8 @@
 process on the global batch, exact resume after a rank is killed, one writer, torchrun."""
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 import os
 import signal
 import subprocess
@@ -24,7 +26,9 @@ from sae_lens_transcoder.distributed.world import World
 from sae_lens_transcoder.replacement.saving import layer_dir
 from sae_lens_transcoder.training.checkpoint_view import CHECKPOINT_COMPLETE_FILENAME
 from tests.conftest import build_model
-from tests.distributed_workers import dataset, job_config, spawn_ranks
+from sae_lens_transcoder.models import load_model
+from tests.circuit_fixtures import random_transcoder
+from tests.distributed_workers import attribute_rank, dataset, job_config, spawn_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 STORE_BATCH_PROMPTS = 4  # 4 x 32 tokens: one LLM batch is one rank's share of the 256-token global batch
@@ -67,13 +71,20 @@ def _train_single(root: Path, name: str, n_layers: int = 2, **overrides: Any) ->
         override_model=build_model("gpt2", n_layers=n_layers),
         override_dataset=_rank_order(dataset()),
     )
+    with _one_thread():
+        single.run()
+    return single
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Torch on one thread, as each spawned rank is (its float sums are then the ranks')."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single.run()
+        yield
     finally:
         torch.set_num_threads(threads)
-    return single
 
 
 def _assert_ranks_match_one_process(ranks: tuple[dict[str, Any], ...], single: TranscoderTrainingRunner) -> None:
@@ -350,3 +361,37 @@ def test_torchrun_evaluate_sums_over_ranks(restarted: tuple[Path, str, str]) -> 
         if isinstance(value, float):
             assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     assert two["feature_density"] == pytest.approx(one["feature_density"], abs=1e-9)
+
+
+PROMPTS = ["To be, or not to be, that is the", "The cat sat on the", "One, two, three,", "Once upon a time there was a"]
+
+
+def test_two_ranks_attribute_a_prompts_file_as_one_process_does(tmp_path: Path) -> None:
+    model = load_model("tiny-gpt2")
+    transcoders = []
+    for layer in range(model.cfg.n_layers):
+        tc = random_transcoder(model, layer, hook="ln2.hook_normalized")
+        tc.cfg.metadata.model_name = "tiny-gpt2"
+        tc.save_model(tmp_path / f"layer{layer}")
+        transcoders.append(str(tmp_path / f"layer{layer}"))
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    argv = ["attribute", "--transcoders", *transcoders, "--prompts-file", str(tmp_path / "prompts.txt"), "--max-expansions", "12"]
+    codes = spawn_ranks({"argv": argv + ["--out", str(tmp_path / "two")]}, tmp_path / "two-results", target=attribute_rank)
+    assert codes == [0, 0], [p.read_text() for p in (tmp_path / "two-results").glob("*.error")]
+    with _one_thread():
+        main(argv + ["--out", str(tmp_path / "one")])
+    one, two = (json.loads((tmp_path / n / "index.json").read_text())["prompts"] for n in ("one", "two"))
+    assert [p["prompt"] for p in two] == [p["prompt"] for p in one] == PROMPTS
+    for a, b in zip(one, two):
+        assert b["root"] == a["root"] and b["n_nodes"] == a["n_nodes"] > 1 and b["top_paths"] == a["top_paths"]
+        assert b["root_value"] == pytest.approx(a["root_value"], abs=1e-6)
+        graphs = [json.loads((tmp_path / n / a["dir"] / "graph.json").read_text()) for n in ("one", "two")]
+        assert [n["node_id"] for n in graphs[1]["nodes"]] == [n["node_id"] for n in graphs[0]["nodes"]]
+        for x, y in zip(graphs[0]["nodes"], graphs[1]["nodes"]):
+            assert y["influence"] == pytest.approx(x["influence"], abs=1e-6)
+        assert graphs[1]["metadata"]["prompt"] == a["prompt"]
+    # Rank 1 wrote its prompts' folders, rank 0 its own and the index: nothing else is there.
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["index.json", "prompt_0000", "prompt_0001", "prompt_0002", "prompt_0003"]
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(SystemExit, match="--prompts-file .*empty.txt holds no prompt; write one prompt per line"):
+        main(["attribute", "--transcoders", *transcoders, "--prompts-file", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "x")])
