@@ -113,7 +113,8 @@ def record_writes(under: Path) -> list[str]:
 
 def run_rank(rank: int, world_size: int, port: int, job: dict[str, Any], results: str) -> None:
     """Train ``job`` as ``rank``; write the transcoder's state (or the error) under ``results``."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # The fork server's environment is the one it started with: a job's own variables go here.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **job.get("env", {}))
     torch.set_num_threads(1)
     out = Path(results)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 from datasets import Dataset
-from sae_lens import SAE
+from sae_lens import SAE, LoggingConfig
 
 from sae_lens_transcoder import TranscoderTrainingRunner
 from sae_lens_transcoder.cli import main
@@ -28,6 +28,7 @@ from sae_lens_transcoder.training.checkpoint_view import CHECKPOINT_COMPLETE_FIL
 from tests.conftest import build_model
 from sae_lens_transcoder.models import load_model
 from tests.circuit_fixtures import random_transcoder
+from tests.wandb_offline import history_rows
 from tests.distributed_workers import attribute_rank, dataset, job_config, spawn_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,6 +172,23 @@ def test_a_killed_sharded_run_resumes_bit_identically(root: Path, sharded_run: t
         for name in sharded_run[rank]["weights"]:
             assert torch.equal(state["since_fired"][name], sharded_run[rank]["since_fired"][name])
             assert torch.equal(state["act_freq"][name], sharded_run[rank]["act_freq"][name])
+
+
+def test_rank_0_logs_every_layer_of_a_sharded_set(root: Path) -> None:
+    logger = LoggingConfig(log_to_wandb=True, wandb_project="sae-lens-transcoder-test", wandb_log_frequency=5, eval_every_n_wandb_logs=4)
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(root / "sharded-wandb"), "WANDB_SILENT": "true"}
+    (root / "sharded-wandb").mkdir()
+    job = {"root": str(root), "name": "sharded-wandb", "layers": "shard", "n_layers": 3, "env": env}
+    codes = spawn_ranks({**job, "overrides": {**SHARDED_SET, "logger": logger, "n_checkpoints": 1}}, root / "sharded-wandb-results")
+    assert codes == [0, 0], [p.read_text() for p in (root / "sharded-wandb-results").glob("*.error")]
+    (run_file,) = (root / "sharded-wandb").glob("wandb/offline-run-*/run-*.wandb")  # one run: rank 0's
+    rows = history_rows(run_file)
+    for layer in ("layer_0", "layer_1", "layer_2"):  # rank 1 trained layer_1, rank 0 the others
+        train = [r for r in rows if f"{layer}/losses/mse_loss" in r]
+        assert len(train) == 8 and train[-1][f"{layer}/losses/mse_loss"] < train[0][f"{layer}/losses/mse_loss"]
+        # Evaluated (with weight histograms) after steps 20 and 40; sparsity windows of 7 steps.
+        assert len([r for r in rows if f"{layer}/eval/explained_variance" in r and f"{layer}/weights/W_dec_norms/values" in r]) == 2
+        assert [r["_step"] for r in rows if f"{layer}/metrics/mean_log10_feature_sparsity" in r] == [7, 14, 21, 28, 35]
 
 
 def test_layer_sharding_refuses_what_it_cannot_split(root: Path) -> None:
