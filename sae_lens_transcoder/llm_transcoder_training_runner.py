@@ -33,7 +33,7 @@ from sae_lens_transcoder.atomic import replace_dir_atomically
 from sae_lens_transcoder.distributed import DataParallelSetTrainer, current_world
 from sae_lens_transcoder.distributed.collectives import all_ranks_ok
 from sae_lens_transcoder.distributed.config import prepare_config_for_world
-from sae_lens_transcoder.distributed.layers import LayerMode, check_layer_mode
+from sae_lens_transcoder.distributed.layers import LayerMode, check_enough_layers, check_layer_mode
 from sae_lens_transcoder.distributed.sharded_trainer import LayerShardedSetTrainer
 from sae_lens_transcoder.hooks import chosen_input_hook, hook_layer, mlp_out_hook, validate_transcoder_hooks
 from sae_lens_transcoder.layer_spec import parse_mlp_layers
@@ -130,6 +130,7 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         self.world = current_world()
         prepare_config_for_world(cfg, self.world)
         # "shard": each rank trains some of the set's transcoders on the global batch (distributed/layers.py).
+        check_layer_mode(distributed_layers, is_clt_architecture(cfg.sae.architecture()))
         self.shard_layers = self.world.is_distributed and distributed_layers == "shard"
         self.model = override_model if override_model is not None else self._load_model()
         if not isinstance(self.model, HookedTransformer):
@@ -137,7 +138,8 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         validate_runner_model(cfg, self.model)
         self.is_set = cfg.sae.mlp_layers is not None
         self.hooks = self._resolve_and_validate_hooks()
-        check_layer_mode(distributed_layers, self.world, len(self.hooks), is_clt_architecture(cfg.sae.architecture()))
+        if self.shard_layers:
+            check_enough_layers(self.world, len(self.hooks))
         self._compile_llm_if_needed()
         self.transcoders = self._build_transcoders(override_sae, override_saes)
         for transcoder in self.transcoders.values():

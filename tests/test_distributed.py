@@ -21,7 +21,7 @@ from sae_lens_transcoder import TranscoderTrainingRunner
 from sae_lens_transcoder.cli import main
 from sae_lens_transcoder.distributed.data import per_rank_batch_tokens
 from sae_lens_transcoder.distributed.launch import resume_latest
-from sae_lens_transcoder.distributed.layers import check_layer_mode
+from sae_lens_transcoder.distributed.layers import check_enough_layers
 from sae_lens_transcoder.distributed.world import World
 from sae_lens_transcoder.replacement.saving import layer_dir
 from sae_lens_transcoder.training.checkpoint_view import CHECKPOINT_COMPLETE_FILENAME
@@ -198,7 +198,15 @@ def test_layer_sharding_refuses_what_it_cannot_split(root: Path) -> None:
     error = (root / "sharded-clt-results" / "rank0.error").read_text()
     assert "distributed_layers='shard' cannot split a cross-layer transcoder" in error and "distributed_layers='replicate'" in error
     with pytest.raises(ValueError, match=r"set has 2 layer\(s\) for 3 ranks; train on at most 2 ranks"):
-        check_layer_mode("shard", World(rank=0, size=3), n_layers=2, is_clt=False)
+        check_enough_layers(World(rank=0, size=3), n_layers=2)
+    # The command line's flag reaches the runner (the same refusal in one process).
+    clt = [
+        "train", "--architecture", "clt", "--mlp_layers", "all", "--d_in", "128", "--d_sae", "96", "--normalize_activations", "none",
+        "--model_name", "tiny-gpt2", "--dataset_path", "embedded", "--is_dataset_tokenized", "False", "--streaming", "False",
+        "--context_size", "64", "--log_to_wandb", "False", "--distributed-layers", "shard",
+    ]
+    with pytest.raises(SystemExit, match="train: distributed_layers='shard' cannot split a cross-layer transcoder"):
+        main(clt)
 
 
 def test_a_two_rank_cross_layer_transcoder_trains_as_one_process_does(root: Path) -> None:

@@ -20,17 +20,19 @@ LayerMode = Literal["replicate", "shard"]
 LAYER_MODES: tuple[LayerMode, ...] = ("replicate", "shard")
 
 
-def check_layer_mode(mode: str, world: World, n_layers: int, is_clt: bool) -> None:
+def check_layer_mode(mode: str, is_clt: bool) -> None:
     """Refuse a layer sharding that cannot run, naming the setting and what to do instead."""
     if mode not in LAYER_MODES:
         raise ValueError(f"distributed_layers={mode!r} is not one of {LAYER_MODES}.")
-    if mode != "shard":
-        return
-    if is_clt:
+    if mode == "shard" and is_clt:
         raise ValueError(
             "distributed_layers='shard' cannot split a cross-layer transcoder: it is one module whose "
             "encoders write to every later layer. Use distributed_layers='replicate' (data parallel)."
         )
+
+
+def check_enough_layers(world: World, n_layers: int) -> None:
+    """Every rank of a layer-sharded run must own a transcoder (each step's count comes from one)."""
     if world.size > n_layers:
         raise ValueError(
             f"distributed_layers='shard' gives each rank at least one transcoder, but the set has {n_layers} "
