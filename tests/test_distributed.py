@@ -148,8 +148,12 @@ def test_a_layer_sharded_set_trains_as_one_process_does(root: Path, sharded_run:
     for layer in (0, 1, 2):
         written = SAE.load_from_disk(root / "sharded" / "out" / layer_dir(layer))
         assert torch.equal(written.W_dec.detach(), sharded_run[1]["set"][layer]["W_dec"]), layer
-    checkpoint = _checkpoints(root, "sharded")[-1]
-    assert sorted(p.name for p in checkpoint.glob("layer_*")) == ["layer_0", "layer_1", "layer_2"]
+    # Each owner wrote its layers into every checkpoint (each loads in plain SAELens); none left partial.
+    for checkpoint in _checkpoints(root, "sharded"):
+        assert (checkpoint / CHECKPOINT_COMPLETE_FILENAME).is_file()
+        assert sorted(p.name for p in checkpoint.glob("layer_*")) == ["layer_0", "layer_1", "layer_2"]
+        assert all(isinstance(SAE.load_from_disk(checkpoint / f"layer_{layer}"), SAE) for layer in (0, 1, 2))
+    assert not list((root / "sharded" / "ckpt").glob("*/.*"))
 
 
 def test_a_killed_sharded_run_resumes_bit_identically(root: Path, sharded_run: tuple[dict[str, Any], ...]) -> None:
