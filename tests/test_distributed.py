@@ -156,6 +156,21 @@ def test_a_layer_sharded_set_trains_as_one_process_does(root: Path, sharded_run:
     assert not list((root / "sharded" / "ckpt").glob("*/.*"))
 
 
+def test_a_layer_sharded_batchtopk_set_trains_as_one_process_does(root: Path) -> None:
+    # Unlike data parallelism, each owner picks the top k x batch of the whole global batch.
+    topk = {"sae": {"architecture": "batchtopk_transcoder", "k": 8, "mlp_layer": None, "mlp_layers": "all"}, "n_checkpoints": 0}
+    job = {"root": str(root), "name": "sharded-topk", "overrides": topk, "layers": "shard"}
+    codes = spawn_ranks(job, root / "sharded-topk-results")
+    assert codes == [0, 0], [p.read_text() for p in (root / "sharded-topk-results").glob("*.error")]
+    ranks = [torch.load(root / "sharded-topk-results" / f"rank{rank}.pt")["set"] for rank in (0, 1)]
+    single = _train_single(root, "single-sharded-topk", **topk)
+    for layer, transcoder in single.transcoders.items():
+        assert (transcoder.topk_threshold > 0).all()
+        for key, value in transcoder.state_dict().items():
+            torch.testing.assert_close(ranks[0][layer][key], value, rtol=0, atol=1e-5)
+            assert torch.equal(ranks[1][layer][key], ranks[0][layer][key])
+
+
 def test_a_killed_sharded_run_resumes_bit_identically(root: Path, sharded_run: tuple[dict[str, Any], ...]) -> None:
     job = {"root": str(root), "overrides": SHARDED_SET, "layers": "shard", "n_layers": 3}
     codes = spawn_ranks({**job, "name": "sharded-killed", "kill_rank": 1, "kill_layer": 1}, root / "sharded-killed-results")
