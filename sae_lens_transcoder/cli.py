@@ -22,6 +22,7 @@ from sae_lens_transcoder.convert import UnsafePickleError, convert_pchlenski_tra
 from sae_lens_transcoder.distributed import PeerFailure, process_group_from_env
 from sae_lens_transcoder.distributed.data import rank_share
 from sae_lens_transcoder.distributed.launch import resume_latest
+from sae_lens_transcoder.distributed.layers import LAYER_MODES
 from sae_lens_transcoder.distributed.world import DEFAULT_TIMEOUT_S, World
 from sae_lens_transcoder.evals import evaluate_spliced
 from sae_lens_transcoder.export.circuit_tracer import export_circuit_tracer
@@ -72,6 +73,13 @@ def train(argv: Sequence[str]) -> dict[str, Any]:
     parser.add_argument(
         "--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, help="under torchrun: seconds a rank waits for the others"
     )
+    parser.add_argument(
+        "--distributed-layers",
+        choices=LAYER_MODES,
+        default="replicate",
+        help="under torchrun, for a set: 'replicate' (every rank trains every transcoder, data parallel) or "
+        "'shard' (each rank trains its share of the layers, round-robin, on the global batch)",
+    )
     ours, sae_lens_args = parser.parse_known_args(argv)
     if ours.help_sae_lens:
         runner_config_from_args(["--architecture", "transcoder", "--help"])
@@ -85,7 +93,7 @@ def train(argv: Sequence[str]) -> dict[str, Any]:
             if ours.resume_latest:
                 resume_latest(cfg, world)
             start = time.perf_counter()
-            runner = TranscoderTrainingRunner(cfg, overwrite_output=ours.overwrite)
+            runner = TranscoderTrainingRunner(cfg, overwrite_output=ours.overwrite, distributed_layers=ours.distributed_layers)
         try:
             runner.run()
         except TrainingInterrupted as stop:

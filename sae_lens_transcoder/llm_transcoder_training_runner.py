@@ -33,6 +33,8 @@ from sae_lens_transcoder.atomic import replace_dir_atomically
 from sae_lens_transcoder.distributed import DataParallelSetTrainer, current_world
 from sae_lens_transcoder.distributed.collectives import all_ranks_ok
 from sae_lens_transcoder.distributed.config import prepare_config_for_world
+from sae_lens_transcoder.distributed.layers import LayerMode, check_enough_layers, check_layer_mode
+from sae_lens_transcoder.distributed.sharded_trainer import LayerShardedSetTrainer
 from sae_lens_transcoder.hooks import chosen_input_hook, hook_layer, mlp_out_hook, validate_transcoder_hooks
 from sae_lens_transcoder.layer_spec import parse_mlp_layers
 from sae_lens_transcoder.replacement import PerLayerTranscoders, ReplacementSet, Splice
@@ -113,6 +115,7 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         *,
         override_saes: dict[int, TrainingSAE[Any]] | None = None,
         overwrite_output: bool = False,
+        distributed_layers: LayerMode = "replicate",
     ):
         # SAELens's __init__ builds a single-hook store and its stock evaluator inline
         # (no factory seam), so this builds the runner's parts itself.
@@ -126,12 +129,17 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         # Inside a process group of several ranks, training is data parallel (see distributed/).
         self.world = current_world()
         prepare_config_for_world(cfg, self.world)
+        # "shard": each rank trains some of the set's transcoders on the global batch (distributed/layers.py).
+        check_layer_mode(distributed_layers, is_clt_architecture(cfg.sae.architecture()))
+        self.shard_layers = self.world.is_distributed and distributed_layers == "shard"
         self.model = override_model if override_model is not None else self._load_model()
         if not isinstance(self.model, HookedTransformer):
             raise ValueError("TranscoderTrainingRunner needs a HookedTransformer model.")
         validate_runner_model(cfg, self.model)
         self.is_set = cfg.sae.mlp_layers is not None
         self.hooks = self._resolve_and_validate_hooks()
+        if self.shard_layers:
+            check_enough_layers(self.world, len(self.hooks))
         self._compile_llm_if_needed()
         self.transcoders = self._build_transcoders(override_sae, override_saes)
         for transcoder in self.transcoders.values():
@@ -184,7 +192,9 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         saes = self._trainer_saes()
         stop = StopSignals()
         try:
-            set_trainer = DataParallelSetTrainer if self.world.is_distributed else TranscoderSetTrainer
+            set_trainer: type[TranscoderSetTrainer] = TranscoderSetTrainer
+            if self.world.is_distributed:
+                set_trainer = LayerShardedSetTrainer if self.shard_layers else DataParallelSetTrainer
             self.trainer = set_trainer(
                 cfg=cfg.to_sae_trainer_config(),
                 saes=saes,
@@ -318,13 +328,14 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         if checkpoint_path is None:
             return
         assert self.data_position is not None and self.trainer is not None
-        # Every rank's own data position; everything else once, by rank 0.
+        # Every rank's own data position (and, layer sharded, its transcoders' views); everything else once, by rank 0.
         self.activations_store.save_stream_state(self.data_position.state, checkpoint_path)
+        if self.world.is_writer or self.shard_layers:
+            for name, trainer in self.trainer.trainers.items():
+                self._write_inference_view(trainer.sae, trainer.activation_scaler.scaling_factor or 1.0, Path(checkpoint_path) / name)
         if not self.world.is_writer:
             return
         super().save_checkpoint(checkpoint_path)
-        for name, trainer in self.trainer.trainers.items():
-            self._write_inference_view(trainer.sae, trainer.activation_scaler.scaling_factor or 1.0, Path(checkpoint_path) / name)
         marker = Path(checkpoint_path) / CHECKPOINT_COMPLETE_FILENAME
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps({"complete": True}))
@@ -351,7 +362,8 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         """The transcoder at ``output_path``, or a set there (one directory per layer, a
         manifest, circuit-tracer's files when every layer from 0 is covered)."""
         assert self.trainer is not None
-        sparsity = {layer: self.trainer.trainers[trainer_name(layer)].log_feature_sparsity for layer in self.layers}
+        sparsities = self.trainer.feature_sparsities()
+        sparsity = {layer: sparsities[trainer_name(layer)] for layer in self.layers}
         if not self.is_set:
             self.save_final_sae(self.sae, output_path, sparsity[self.layers[0]])
             return

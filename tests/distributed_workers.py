@@ -3,12 +3,15 @@
 Kept apart from the test module so spawned ranks import only this (and conftest's builders).
 """
 
+import copy
 import datetime
 import os
 import signal
 import socket
 import sys
 import traceback
+from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,8 @@ from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.util import temporary_seed
 
 from sae_lens_transcoder import TrainingTranscoder, TranscoderTrainingRunner
+from sae_lens_transcoder.cli import main
+from sae_lens_transcoder.hooks import mlp_out_hook
 from tests.conftest import build_model, runner_config
 
 BATCH = 256  # the global batch
@@ -73,6 +78,17 @@ class KillAt(TrainingTranscoder):
         return super().training_forward_pass(step_input)
 
 
+def set_dying_at_layer(cfg: LanguageModelSAERunnerConfig[Any], n_layers: int, kill_layer: int) -> dict[int, Any]:
+    """The runner's initial set of MLPs 0..n_layers-1 (seeded per layer, as it builds them),
+    with ``kill_layer``'s transcoder a :class:`KillAt`."""
+    saes = {}
+    for layer in range(n_layers):
+        layer_cfg = replace(copy.deepcopy(cfg.sae), mlp_layer=layer, mlp_layers=None, hook_name_out=mlp_out_hook(layer))
+        with temporary_seed(cfg.seed + layer):
+            saes[layer] = (KillAt if layer == kill_layer else TrainingTranscoder)(layer_cfg)
+    return saes
+
+
 def record_writes(under: Path) -> list[str]:
     """Every file or directory change this process makes under ``under`` from Python (opening
     for writing, renaming, creating, removing), as ``"event path"`` lines. Files that Rust
@@ -97,24 +113,36 @@ def record_writes(under: Path) -> list[str]:
 
 def run_rank(rank: int, world_size: int, port: int, job: dict[str, Any], results: str) -> None:
     """Train ``job`` as ``rank``; write the transcoder's state (or the error) under ``results``."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # The fork server's environment is the one it started with: a job's own variables go here.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **job.get("env", {}))
     torch.set_num_threads(1)
     out = Path(results)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
     writes = record_writes(Path(job["root"]) / job["name"]) if rank > 0 else []
     try:
         cfg = job_config(Path(job["root"]), job["name"], **job.get("overrides", {}))
-        sae = None
+        sae, saes = None, None
         if rank == job.get("kill_rank"):
-            with temporary_seed(cfg.seed + 1):  # the runner's initial weights for MLP 1
-                sae = KillAt(cfg.sae)
-        runner = TranscoderTrainingRunner(cfg, override_model=build_model("gpt2"), override_dataset=dataset(), override_sae=sae)
+            if cfg.sae.mlp_layers is None:
+                with temporary_seed(cfg.seed + 1):  # the runner's initial weights for MLP 1
+                    sae = KillAt(cfg.sae)
+            else:
+                saes = set_dying_at_layer(cfg, job["n_layers"], job["kill_layer"])
+        runner = TranscoderTrainingRunner(
+            cfg,
+            override_model=build_model("gpt2", n_layers=job.get("n_layers", 2)),
+            override_dataset=dataset(),
+            override_sae=sae,
+            override_saes=saes,
+            distributed_layers=job.get("layers", "replicate"),
+        )
         runner.run()
         assert runner.trainer is not None
         trainers = runner.trainer.trainers
         torch.save(
             {
                 "weights": {name: trainer.sae.state_dict() for name, trainer in trainers.items()},
+                "set": {layer: transcoder.state_dict() for layer, transcoder in runner.transcoders.items()},
                 "since_fired": {name: trainer.n_forward_passes_since_fired for name, trainer in trainers.items()},
                 "act_freq": {name: trainer.act_freq_scores for name, trainer in trainers.items()},
                 "steps": runner.trainer.n_training_steps,
@@ -131,14 +159,30 @@ def run_rank(rank: int, world_size: int, port: int, job: dict[str, Any], results
             dist.destroy_process_group()
 
 
-def spawn_ranks(job: dict[str, Any], results: Path, world_size: int = 2, join_timeout_s: float = 240) -> list[int | None]:
-    """Start the ranks as separate processes and wait for each; their exit codes."""
+def attribute_rank(rank: int, world_size: int, port: int, job: dict[str, Any], results: str) -> None:
+    """``sae-lens-transcoder attribute job["argv"]`` as ``rank`` (the error, if any, under ``results``)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    try:
+        main(job["argv"])
+    except BaseException as error:
+        (Path(results) / f"rank{rank}.error").write_text(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(
+    job: dict[str, Any], results: Path, world_size: int = 2, join_timeout_s: float = 240, target: Callable[..., None] = run_rank
+) -> list[int | None]:
+    """Start the ranks as separate processes running ``target`` and wait for each; their exit codes."""
     results.mkdir(parents=True, exist_ok=True)
     port = free_port()
     # A fork server that imported everything once forks each rank: no per-rank start-up.
     context = mp.get_context("forkserver")
     context.set_forkserver_preload([__name__])
-    processes = [context.Process(target=run_rank, args=(r, world_size, port, job, str(results))) for r in range(world_size)]
+    processes = [context.Process(target=target, args=(r, world_size, port, job, str(results))) for r in range(world_size)]
     for process in processes:
         process.start()
     for process in processes:

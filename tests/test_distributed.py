@@ -2,6 +2,8 @@
 process on the global batch, exact resume after a rank is killed, one writer, torchrun."""
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 import os
 import signal
 import subprocess
@@ -13,16 +15,21 @@ from typing import Any
 import pytest
 import torch
 from datasets import Dataset
-from sae_lens import SAE
+from sae_lens import SAE, LoggingConfig
 
 from sae_lens_transcoder import TranscoderTrainingRunner
 from sae_lens_transcoder.cli import main
 from sae_lens_transcoder.distributed.data import per_rank_batch_tokens
 from sae_lens_transcoder.distributed.launch import resume_latest
+from sae_lens_transcoder.distributed.layers import check_enough_layers
 from sae_lens_transcoder.distributed.world import World
+from sae_lens_transcoder.replacement.saving import layer_dir
 from sae_lens_transcoder.training.checkpoint_view import CHECKPOINT_COMPLETE_FILENAME
 from tests.conftest import build_model
-from tests.distributed_workers import dataset, job_config, spawn_ranks
+from sae_lens_transcoder.models import load_model
+from tests.circuit_fixtures import random_transcoder
+from tests.wandb_offline import history_rows
+from tests.distributed_workers import attribute_rank, dataset, job_config, spawn_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 STORE_BATCH_PROMPTS = 4  # 4 x 32 tokens: one LLM batch is one rank's share of the 256-token global batch
@@ -57,15 +64,28 @@ def full_run(root: Path) -> dict[int, dict[str, Any]]:
     return {rank: torch.load(root / "full-results" / f"rank{rank}.pt") for rank in (0, 1)}
 
 
-def _train_single(root: Path, name: str, **overrides: Any) -> TranscoderTrainingRunner:
-    """One process on the global batch, reading the ranks' data side by side."""
+def _train_single(root: Path, name: str, n_layers: int = 2, **overrides: Any) -> TranscoderTrainingRunner:
+    """One process on the global batch, reading the ranks' data side by side (on one thread, as
+    each rank runs: two threads on this machine's two shared cores take 20 times longer)."""
     single = TranscoderTrainingRunner(
         job_config(root, name, store_batch_size_prompts=2 * STORE_BATCH_PROMPTS, **overrides),
-        override_model=build_model("gpt2"),
+        override_model=build_model("gpt2", n_layers=n_layers),
         override_dataset=_rank_order(dataset()),
     )
-    single.run()
+    with _one_thread():
+        single.run()
     return single
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Torch on one thread, as each spawned rank is (its float sums are then the ranks')."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _assert_ranks_match_one_process(ranks: tuple[dict[str, Any], ...], single: TranscoderTrainingRunner) -> None:
@@ -93,6 +113,119 @@ def test_a_two_rank_set_trains_as_one_process_does(root: Path) -> None:
     ranks = tuple(torch.load(root / "set-results" / f"rank{rank}.pt") for rank in (0, 1))
     assert sorted(ranks[0]["weights"]) == ["layer_0", "layer_1"]
     _assert_ranks_match_one_process(ranks, _train_single(root, "single-set", **layers))
+
+
+SHARDED_SET = {"sae": {"mlp_layer": None, "mlp_layers": "all"}}
+
+
+@pytest.fixture(scope="module")
+def sharded_run(root: Path) -> tuple[dict[str, Any], ...]:
+    """The uninterrupted layer-sharded 2-rank run of a 3-layer set, as each rank ended it."""
+    job = {"root": str(root), "name": "sharded", "overrides": SHARDED_SET, "layers": "shard", "n_layers": 3}
+    codes = spawn_ranks(job, root / "sharded-results")
+    assert codes == [0, 0], [p.read_text() for p in (root / "sharded-results").glob("*.error")]
+    return tuple(torch.load(root / "sharded-results" / f"rank{rank}.pt") for rank in (0, 1))
+
+
+def test_a_layer_sharded_set_trains_as_one_process_does(root: Path, sharded_run: tuple[dict[str, Any], ...]) -> None:
+    # Round-robin: rank 0 trains layers 0 and 2, rank 1 layer 1, each on both ranks' batches.
+    assert sorted(sharded_run[0]["weights"]) == ["layer_0", "layer_2"]
+    assert sorted(sharded_run[1]["weights"]) == ["layer_1"]
+    single = _train_single(root, "single-sharded", n_layers=3, **SHARDED_SET)
+    assert single.trainer is not None
+    for rank in sharded_run:
+        assert rank["steps"] == single.trainer.n_training_steps == 40
+        for name in rank["weights"]:
+            trainer = single.trainer.trainers[name]
+            assert torch.equal(rank["since_fired"][name], trainer.n_forward_passes_since_fired)
+            assert torch.equal(rank["act_freq"][name], trainer.act_freq_scores)
+    # Every rank ends with the whole trained set, its owners' transcoders.
+    for layer, transcoder in single.transcoders.items():
+        for key, value in transcoder.state_dict().items():
+            torch.testing.assert_close(sharded_run[0]["set"][layer][key], value, rtol=0, atol=1e-5)
+            assert torch.equal(sharded_run[0]["set"][layer][key], sharded_run[1]["set"][layer][key]), f"the ranks' layer {layer} {key} differ"
+    # Rank 0 saved all three layers, as written by their owners' training.
+    for layer in (0, 1, 2):
+        written = SAE.load_from_disk(root / "sharded" / "out" / layer_dir(layer))
+        assert torch.equal(written.W_dec.detach(), sharded_run[1]["set"][layer]["W_dec"]), layer
+    # Each owner wrote its layers into every checkpoint (each loads in plain SAELens); none left partial.
+    for checkpoint in _checkpoints(root, "sharded"):
+        assert (checkpoint / CHECKPOINT_COMPLETE_FILENAME).is_file()
+        assert sorted(p.name for p in checkpoint.glob("layer_*")) == ["layer_0", "layer_1", "layer_2"]
+        assert all(isinstance(SAE.load_from_disk(checkpoint / f"layer_{layer}"), SAE) for layer in (0, 1, 2))
+    assert not list((root / "sharded" / "ckpt").glob("*/.*"))
+
+
+def test_a_layer_sharded_batchtopk_set_trains_as_one_process_does(root: Path) -> None:
+    # Unlike data parallelism, each owner picks the top k x batch of the whole global batch.
+    topk = {"sae": {"architecture": "batchtopk_transcoder", "k": 8, "mlp_layer": None, "mlp_layers": "all"}, "n_checkpoints": 0}
+    job = {"root": str(root), "name": "sharded-topk", "overrides": topk, "layers": "shard"}
+    codes = spawn_ranks(job, root / "sharded-topk-results")
+    assert codes == [0, 0], [p.read_text() for p in (root / "sharded-topk-results").glob("*.error")]
+    ranks = [torch.load(root / "sharded-topk-results" / f"rank{rank}.pt")["set"] for rank in (0, 1)]
+    single = _train_single(root, "single-sharded-topk", **topk)
+    for layer, transcoder in single.transcoders.items():
+        assert (transcoder.topk_threshold > 0).all()
+        for key, value in transcoder.state_dict().items():
+            torch.testing.assert_close(ranks[0][layer][key], value, rtol=0, atol=1e-5)
+            assert torch.equal(ranks[1][layer][key], ranks[0][layer][key])
+
+
+def test_a_killed_sharded_run_resumes_bit_identically(root: Path, sharded_run: tuple[dict[str, Any], ...]) -> None:
+    job = {"root": str(root), "overrides": SHARDED_SET, "layers": "shard", "n_layers": 3}
+    codes = spawn_ranks({**job, "name": "sharded-killed", "kill_rank": 1, "kill_layer": 1}, root / "sharded-killed-results")
+    assert codes == [1, -9]  # rank 1 SIGKILLed in step 25, in its layer's forward pass; rank 0 failed, did not hang
+    error = (root / "sharded-killed-results" / "rank0.error").read_text()
+    # Rank 0 may have finished step 25 (its owners got rank 1's rows before it died): it fails at the next collective.
+    assert error.startswith("PeerFailure: rank 0: ") and "with the other ranks failed" in error, error
+    checkpoints = _checkpoints(root, "sharded-killed")
+    assert [int(c.name) for c in checkpoints] == [11 * 256, 21 * 256]
+    restart = {**SHARDED_SET, "resume_from_checkpoint": str(checkpoints[-1]), "checkpoint_path": str(root / "sharded-killed" / "ckpt")}
+    resumed = spawn_ranks({**job, "name": "sharded-resumed", "overrides": restart}, root / "sharded-resumed-results")
+    assert resumed == [0, 0], [p.read_text() for p in (root / "sharded-resumed-results").glob("*.error")]
+    for rank in (0, 1):
+        state = torch.load(root / "sharded-resumed-results" / f"rank{rank}.pt")
+        for layer, transcoder in sharded_run[rank]["set"].items():
+            for key, value in transcoder.items():
+                assert torch.equal(state["set"][layer][key], value), f"rank {rank}: layer {layer} {key} differs after resuming"
+        for name in sharded_run[rank]["weights"]:
+            assert torch.equal(state["since_fired"][name], sharded_run[rank]["since_fired"][name])
+            assert torch.equal(state["act_freq"][name], sharded_run[rank]["act_freq"][name])
+
+
+def test_rank_0_logs_every_layer_of_a_sharded_set(root: Path) -> None:
+    logger = LoggingConfig(log_to_wandb=True, wandb_project="sae-lens-transcoder-test", wandb_log_frequency=5, eval_every_n_wandb_logs=4)
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(root / "sharded-wandb"), "WANDB_SILENT": "true"}
+    (root / "sharded-wandb").mkdir()
+    job = {"root": str(root), "name": "sharded-wandb", "layers": "shard", "n_layers": 3, "env": env}
+    codes = spawn_ranks({**job, "overrides": {**SHARDED_SET, "logger": logger, "n_checkpoints": 1}}, root / "sharded-wandb-results")
+    assert codes == [0, 0], [p.read_text() for p in (root / "sharded-wandb-results").glob("*.error")]
+    (run_file,) = (root / "sharded-wandb").glob("wandb/offline-run-*/run-*.wandb")  # one run: rank 0's
+    rows = history_rows(run_file)
+    for layer in ("layer_0", "layer_1", "layer_2"):  # rank 1 trained layer_1, rank 0 the others
+        train = [r for r in rows if f"{layer}/losses/mse_loss" in r]
+        assert len(train) == 8 and train[-1][f"{layer}/losses/mse_loss"] < train[0][f"{layer}/losses/mse_loss"]
+        # Evaluated (with weight histograms) after steps 20 and 40; sparsity windows of 7 steps.
+        assert len([r for r in rows if f"{layer}/eval/explained_variance" in r and f"{layer}/weights/W_dec_norms/values" in r]) == 2
+        assert [r["_step"] for r in rows if f"{layer}/metrics/mean_log10_feature_sparsity" in r] == [7, 14, 21, 28, 35]
+
+
+def test_layer_sharding_refuses_what_it_cannot_split(root: Path) -> None:
+    clt = {"sae": {"architecture": "clt", "mlp_layer": None, "mlp_layers": "all", "d_sae": 96, "normalize_activations": "none"}}
+    codes = spawn_ranks({"root": str(root), "name": "sharded-clt", "overrides": clt, "layers": "shard"}, root / "sharded-clt-results")
+    assert codes == [1, 1]
+    error = (root / "sharded-clt-results" / "rank0.error").read_text()
+    assert "distributed_layers='shard' cannot split a cross-layer transcoder" in error and "distributed_layers='replicate'" in error
+    with pytest.raises(ValueError, match=r"set has 2 layer\(s\) for 3 ranks; train on at most 2 ranks"):
+        check_enough_layers(World(rank=0, size=3), n_layers=2)
+    # The command line's flag reaches the runner (the same refusal in one process).
+    clt = [
+        "train", "--architecture", "clt", "--mlp_layers", "all", "--d_in", "128", "--d_sae", "96", "--normalize_activations", "none",
+        "--model_name", "tiny-gpt2", "--dataset_path", "embedded", "--is_dataset_tokenized", "False", "--streaming", "False",
+        "--context_size", "64", "--log_to_wandb", "False", "--distributed-layers", "shard",
+    ]
+    with pytest.raises(SystemExit, match="train: distributed_layers='shard' cannot split a cross-layer transcoder"):
+        main(clt)
 
 
 def test_a_two_rank_cross_layer_transcoder_trains_as_one_process_does(root: Path) -> None:
@@ -273,3 +406,37 @@ def test_torchrun_evaluate_sums_over_ranks(restarted: tuple[Path, str, str]) -> 
         if isinstance(value, float):
             assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     assert two["feature_density"] == pytest.approx(one["feature_density"], abs=1e-9)
+
+
+PROMPTS = ["To be, or not to be, that is the", "The cat sat on the", "One, two, three,", "Once upon a time there was a"]
+
+
+def test_two_ranks_attribute_a_prompts_file_as_one_process_does(tmp_path: Path) -> None:
+    model = load_model("tiny-gpt2")
+    transcoders = []
+    for layer in range(model.cfg.n_layers):
+        tc = random_transcoder(model, layer, hook="ln2.hook_normalized")
+        tc.cfg.metadata.model_name = "tiny-gpt2"
+        tc.save_model(tmp_path / f"layer{layer}")
+        transcoders.append(str(tmp_path / f"layer{layer}"))
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    argv = ["attribute", "--transcoders", *transcoders, "--prompts-file", str(tmp_path / "prompts.txt"), "--max-expansions", "12"]
+    codes = spawn_ranks({"argv": argv + ["--out", str(tmp_path / "two")]}, tmp_path / "two-results", target=attribute_rank)
+    assert codes == [0, 0], [p.read_text() for p in (tmp_path / "two-results").glob("*.error")]
+    with _one_thread():
+        main(argv + ["--out", str(tmp_path / "one")])
+    one, two = (json.loads((tmp_path / n / "index.json").read_text())["prompts"] for n in ("one", "two"))
+    assert [p["prompt"] for p in two] == [p["prompt"] for p in one] == PROMPTS
+    for a, b in zip(one, two):
+        assert b["root"] == a["root"] and b["n_nodes"] == a["n_nodes"] > 1 and b["top_paths"] == a["top_paths"]
+        assert b["root_value"] == pytest.approx(a["root_value"], abs=1e-6)
+        graphs = [json.loads((tmp_path / n / a["dir"] / "graph.json").read_text()) for n in ("one", "two")]
+        assert [n["node_id"] for n in graphs[1]["nodes"]] == [n["node_id"] for n in graphs[0]["nodes"]]
+        for x, y in zip(graphs[0]["nodes"], graphs[1]["nodes"]):
+            assert y["influence"] == pytest.approx(x["influence"], abs=1e-6)
+        assert graphs[1]["metadata"]["prompt"] == a["prompt"]
+    # Rank 1 wrote its prompts' folders, rank 0 its own and the index: nothing else is there.
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["index.json", "prompt_0000", "prompt_0001", "prompt_0002", "prompt_0003"]
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(SystemExit, match="--prompts-file .*empty.txt holds no prompt; write one prompt per line"):
+        main(["attribute", "--transcoders", *transcoders, "--prompts-file", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "x")])

@@ -1,4 +1,5 @@
-"""``sae-lens-transcoder attribute``: explain one prediction of a model through its transcoders."""
+"""``sae-lens-transcoder attribute``: explain one prediction of a model through its transcoders, for one
+prompt or for each of a file of them (shared by the ranks under torchrun)."""
 
 import argparse
 import json
@@ -15,6 +16,9 @@ from sae_lens_transcoder.circuits.graph_plot import format_paths, logit_lens_lab
 from sae_lens_transcoder.circuits.paths import find_paths
 from sae_lens_transcoder.circuits.targets import check_feature_flags, resolve_target
 from sae_lens_transcoder.circuits.trace import Trace, trace_prompt
+from sae_lens_transcoder.distributed.collectives import PeerFailure
+from sae_lens_transcoder.distributed.prompts import PromptsFailed, over_prompts
+from sae_lens_transcoder.distributed.world import DEFAULT_TIMEOUT_S, process_group_from_env
 from sae_lens_transcoder.features.feature_files import write_graph_feature_files
 from sae_lens_transcoder.loading import load_model_for, load_transcoders
 from sae_lens_transcoder.replacement import PerLayerTranscoders, ReplacementSet
@@ -32,7 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--transcoders", nargs="+", required=True,
                         help="SAELens-format dirs or release/sae_id, one per layer; a set directory; or one cross-layer transcoder directory")
-    parser.add_argument("--prompt", required=True)
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt")
+    prompts.add_argument("--prompts-file", help="one prompt per line: each gets its own folder prompt_<i>/ under --out, "
+                         "and --out/index.json lists them; under torchrun the ranks share the prompts")
     parser.add_argument("--out", required=True, help="directory for graph.json, graph.html, graph.png, paths.txt")
     parser.add_argument("--model", help="model name (default: the transcoders' metadata.model_name)")
     parser.add_argument("--target", choices=("logit", "feature"), default="logit")
@@ -55,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", help="--dashboards: dataset with a held-out split (default: the metadata's dataset_path)")
     parser.add_argument("--dashboard-tokens", type=int, default=16384, help="--dashboards: held-out tokens scanned")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        help="--prompts-file under torchrun: seconds a rank waits for the others to finish their prompts")
     return parser
 
 
@@ -82,7 +91,7 @@ def _write_feature_pages(json_path: Path, model: Any, replacement: ReplacementSe
 
 def _write_graph_files(
     out: Path, full: AttributionGraph, graph: AttributionGraph, trace: Trace, root: Target, label: str, title: str,
-    specs_by_layer: dict[int, str], args: argparse.Namespace,
+    specs_by_layer: dict[int, str], prompt: str, args: argparse.Namespace,
 ) -> Path:
     """graph.json (the unpruned graph, pruned on writing as circuit-tracer does), graph.html
     and graph.png (the pruned graph within the pictures' node budget), features labelled by
@@ -90,7 +99,7 @@ def _write_graph_files(
     labels = logit_lens_labels(trace, graph)
     one_logit = root.node.kind == "target" and args.token is not None and args.versus is None
     json_path = save_graph_json(
-        full, out / "graph.json", trace=trace, prompt=args.prompt, scan=specs_by_layer,
+        full, out / "graph.json", trace=trace, prompt=prompt, scan=specs_by_layer,
         node_threshold=args.node_threshold, edge_threshold=args.edge_threshold, target_label=label,
         target_token=root.node.index if one_logit else None, keep_extra_nodes=args.keep_extra_nodes,
         token_prob=float(trace.logits[root.node.pos].softmax(-1)[root.node.index]) if root.node.kind == "target" else None,
@@ -105,6 +114,43 @@ def attribute(argv: Sequence[str]) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     with exit_on_bad_input("attribute"):
         check_number("--dashboard-tokens", args.dashboard_tokens, integer=True, minimum=1)
+        check_number("--dist-timeout", args.dist_timeout, integer=False, minimum=1)
+        prompts = _read_prompts(Path(args.prompts_file)) if args.prompts_file else None
+    if prompts is None:
+        return _attribute_prompt(args.prompt, Path(args.out), *_load(args), args)
+    # Under torchrun, each rank attributes its share of the prompts (rank r: r, r + N, ...).
+    with process_group_from_env(args.device, args.dist_timeout) as world:
+        loaded = _load(args)
+        try:
+            results = over_prompts(prompts, lambda i, prompt: _attribute_prompt(prompt, Path(args.out) / prompt_dir(i), *loaded, args), world)
+        except (PromptsFailed, PeerFailure) as error:
+            raise SystemExit(f"sae-lens-transcoder attribute: {error}") from None
+    if results is None:
+        return {"rank": world.rank}
+    index = {"prompts": [{"prompt": prompt, "dir": prompt_dir(i), **result} for i, (prompt, result) in enumerate(zip(prompts, results))]}
+    (Path(args.out) / "index.json").write_text(json.dumps(index, indent=2))
+    print(f"attributed {len(prompts)} prompts on {world.size} rank(s) -> {Path(args.out) / 'index.json'}")
+    return index
+
+
+def prompt_dir(i: int) -> str:
+    """The folder of the i-th prompt of a --prompts-file under --out."""
+    return f"prompt_{i:04d}"
+
+
+def _read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise ValueError(f"--prompts-file {path}: no such file.")
+    prompts = [line for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts-file {path} holds no prompt; write one prompt per line.")
+    return prompts
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, ReplacementSet, dict[int, str], Any, str]:
+    """(model, replacement set, the spec each layer came from, metadata, model name), checked
+    against each other and the target flags."""
+    with exit_on_bad_input("attribute"):
         replacement, specs_by_layer, meta, names = _load_replacement(args)
         check_feature_flags(args.target, args.layer, args.feature, {layer: replacement.d_sae(layer) for layer in replacement.layers})
         model_name = args.model or meta.model_name
@@ -115,15 +161,23 @@ def attribute(argv: Sequence[str]) -> dict[str, Any]:
             check_splices_fit_model(model, list(replacement.splices.values()), model_name, labels=names)
         else:
             check_replacement_fits_model(model, replacement)
-        trace = trace_prompt(model, replacement, args.prompt)
+    return model, replacement, specs_by_layer, meta, model_name
+
+
+def _attribute_prompt(
+    prompt: str, out: Path, model: Any, replacement: ReplacementSet, specs_by_layer: dict[int, str], meta: Any, model_name: str,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """One prompt's graph, paths and summary, written under ``out``; the summary."""
+    with exit_on_bad_input("attribute"):
+        trace = trace_prompt(model, replacement, prompt)
         root, label = resolve_target(trace, args.target, args.pos, args.token, args.versus, args.layer, args.feature)
     tokens = trace.str_tokens()
     paths = find_paths(trace, root, args.num_iters, args.num_branches)
     full = build_graph(trace, root, args.max_expansions)
     graph = prune(full, args.node_threshold, args.edge_threshold)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    json_path = _write_graph_files(out, full, graph, trace, root, label, f"{model_name}: {args.prompt!r} -> {label}", specs_by_layer, args)
+    json_path = _write_graph_files(out, full, graph, trace, root, label, f"{model_name}: {prompt!r} -> {label}", specs_by_layer, prompt, args)
     listing = format_paths(paths[: args.top_paths], tokens)
     (out / "paths.txt").write_text(listing + "\n")
     n_pages = 0

@@ -80,23 +80,57 @@ def broadcast_from_writer(value: Any, world: World, what: str) -> Any:
     return box[0]
 
 
-def broadcast_module_(module: torch.nn.Module, what: str) -> None:
-    """Every parameter and buffer as rank 0 has it (as DDP does when it wraps a module)."""
+def broadcast_module_(module: torch.nn.Module, what: str, src: int = 0) -> None:
+    """Every parameter and buffer as rank ``src`` has it (as DDP does from rank 0 when it
+    wraps a module)."""
     for tensor in module.state_dict().values():
         if isinstance(tensor, torch.Tensor):
             device = collective_device()
             moved = tensor if tensor.device == device else tensor.to(device)
-            _guarded(what, lambda: dist.broadcast(moved, src=0))
+            _guarded(what, lambda: dist.broadcast(moved, src=src))
             if moved is not tensor:
                 tensor.copy_(moved)
+
+
+def broadcast_object(value: Any, src: int, what: str) -> Any:
+    """Rank ``src``'s picklable ``value`` on every rank."""
+    box = [value if dist.get_rank() == src else None]
+    _guarded(what, lambda: dist.broadcast_object_list(box, src=src, device=collective_device()))
+    return box[0]
+
+
+def gather_to_writer(value: Any, world: World, what: str) -> list[Any] | None:
+    """Every rank's picklable ``value``, in rank order, on rank 0 (None on the others)."""
+    if not world.is_distributed:
+        return [value]
+    found: list[Any] | None = [None] * world.size if world.is_writer else None
+    _guarded(what, lambda: dist.gather_object(value, found, dst=0))
+    return found
+
+
+def all_to_all_rows(send: list[torch.Tensor], receive_shapes: list[tuple[int, ...]], what: str) -> list[torch.Tensor]:
+    """Send ``send[r]`` to rank r and receive one tensor of ``receive_shapes[s]`` from each
+    rank s, in one ``all_to_all_single`` of the flattened tensors (any shapes, one dtype)."""
+    device = collective_device()
+    dtype = send[0].dtype
+    flat = torch.cat([t.reshape(-1) for t in send]).to(device)
+    sizes_in = [t.numel() for t in send]
+    sizes_out = [int(torch.Size(shape).numel()) for shape in receive_shapes]
+    received = torch.empty(sum(sizes_out), dtype=dtype, device=device)
+    _guarded(what, lambda: dist.all_to_all_single(received, flat, sizes_out, sizes_in))
+    received = received.to(send[0].device)
+    return [chunk.view(shape) for chunk, shape in zip(received.split(sizes_out), receive_shapes)]
 
 
 __all__ = [
     "PeerFailure",
     "all_ranks_ok",
     "all_reduce_",
+    "all_to_all_rows",
     "broadcast_from_writer",
     "broadcast_module_",
+    "broadcast_object",
+    "gather_to_writer",
     "max_of_int",
     "mean_of_floats",
 ]

@@ -168,11 +168,7 @@ class DataParallelSetTrainer(TranscoderSetTrainer):
             return  # written at this very state already (a periodic checkpoint, then a stop)
         error: Exception | None = None
         try:
-            if self.world.is_writer:
-                super(TranscoderSetTrainer, self).save_checkpoint(partial.name, wandb_aliases)
-            else:
-                assert self.save_checkpoint_fn is not None
-                self.save_checkpoint_fn(checkpoint_path=partial)
+            self._write_checkpoint_part(partial, wandb_aliases)
         except Exception as e:  # noqa: BLE001  (re-raised below, after the ranks agree)
             error = e
         everyone = all_ranks_ok(error is None, "confirming every rank wrote its checkpoint files")
@@ -189,6 +185,15 @@ class DataParallelSetTrainer(TranscoderSetTrainer):
         finally:
             if self.world.is_writer:
                 shutil.rmtree(partial, ignore_errors=True)
+
+    def _write_checkpoint_part(self, partial: Path, wandb_aliases: list[str] | None) -> None:
+        """This rank's files of a checkpoint: rank 0 the transcoders and shared files, the
+        others only their data position (through the runner's ``save_checkpoint_fn``)."""
+        if self.world.is_writer:
+            super(TranscoderSetTrainer, self).save_checkpoint(partial.name, wandb_aliases)
+        else:
+            assert self.save_checkpoint_fn is not None
+            self.save_checkpoint_fn(checkpoint_path=partial)
 
     def _update_pbar(self, step_outputs: dict[str, TrainStepOutput], pbar: Any, update_interval: int = 100) -> None:
         if self.world.is_writer:  # one progress bar for the run, not one per rank

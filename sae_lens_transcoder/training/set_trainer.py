@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from sae_lens.saes.sae import TrainStepOutput
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 
@@ -80,6 +81,11 @@ class TranscoderSetTrainer(MultiSAETrainer):
             publish_checkpoint(partial, target)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
+
+    def feature_sparsities(self) -> dict[str, torch.Tensor]:
+        """Each transcoder's log feature sparsity by name, as the final outputs record it (a
+        layer-sharded trainer has it for layers other ranks trained, too)."""
+        return {name: trainer.log_feature_sparsity for name, trainer in self.trainers.items()}
 
     def _update_pbar(self, step_outputs: dict[str, TrainStepOutput], pbar: Any, update_interval: int = 100) -> None:  # noqa: ARG002
         # Overrides a private: SAELens moves the bar only every 100 steps (minutes at 0 on
