@@ -141,8 +141,9 @@ CLT_NOTES = [
     "`total_effects_batch`, model and CLT loading excluded; fresh process per run, sides alternating, 1 torch thread "
     "each on the shared 2-core machine. Peak RSS (VmHWM) is reset once everything is loaded, so 'peak − loaded' is "
     "what the attribution adds. circuit-tracer's loader keeps CLT decoders on disk (lazy) and reads the active "
-    "features' rows; ours holds the CLT in memory (SmolLM2: 557 MiB of files), which is why our total peak is higher "
-    "while the attribution itself adds the same. SmolLM2 takes ~5-6 min per circuit-tracer run here: "
+    "features' rows; `load_clt` keeps safetensors' memory maps of the decoder files (SmolLM2: 557 MiB), and a trace "
+    "reads only the active features' rows of them (its pages count in 'peak − loaded' as they are read). "
+    "SmolLM2 takes ~4-6 min per circuit-tracer run here: "
     "`--models smollm2-135m --repeats 1` keeps a run within ~10 minutes.",
 ]
 

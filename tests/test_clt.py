@@ -404,6 +404,22 @@ def test_a_trace_holds_views_of_the_clts_weights_not_copies() -> None:
     assert scaled.decoders[0, 1].untyped_storage().data_ptr() != clt.W_dec[0].untyped_storage().data_ptr()
 
 
+def test_decoding_only_the_active_rows_equals_the_dense_decode() -> None:
+    """A CLT reconstructs from the decoder rows of features active somewhere in the batch; that
+    is the dense sum of every source's codes times its decoder."""
+    from sae_lens_transcoder.replacement.base import ReplacementSet
+
+    model = _model("llama3")
+    replacement = clt_replacement(random_clt(model, "topk_clt"))
+    x = {layer: torch.randn(2, 5, D_MODEL, generator=torch.Generator().manual_seed(layer)) for layer in range(3)}
+    with torch.no_grad():
+        acts = {layer: replacement.encode(layer, x[layer]) for layer in range(3)}
+        for layer in range(3):
+            dense = ReplacementSet.decode(replacement, layer, acts)
+            torch.testing.assert_close(replacement.decode(layer, acts), dense, rtol=1e-6, atol=1e-6)
+    assert all(bool((a == 0).any()) for a in acts.values())  # TopK: most codes are zero
+
+
 def test_dashboard_of_a_clt_feature_lists_its_writes_and_reads_their_sum(tmp_path: Path) -> None:
     """A CLT feature's dashboard: its activations at its own layer, every layer it writes into,
     the logit lens of its summed writes and connections from an earlier layer of the same CLT."""

@@ -119,11 +119,14 @@ def _first_operation(trace: Trace, target: Target) -> int:
 @dataclass
 class _LayerFeatures:
     """The active features of one source layer writing into one MLP output, grouped by token:
-    for each position with any, ``(pos, their decoder rows transposed [d_model, n], their
-    activations [n])``; their effects add to the columns ``columns`` of ``BatchEffects.features``,
-    position by position."""
+    for each position with any, ``(pos, their indices [n], their activations [n])``, and the
+    (source, output) decoder, whose rows are gathered per batch of targets rather than held as
+    copies (a cross-layer transcoder's active rows for every output layer would be a second
+    copy of much of it); their effects add to the columns ``columns`` of
+    ``BatchEffects.features``, position by position."""
 
     columns: slice
+    decoder: torch.Tensor
     blocks: list[tuple[int, torch.Tensor, torch.Tensor]]
 
 
@@ -139,8 +142,8 @@ def _layer_features(trace: Trace, active: torch.Tensor) -> dict[int, list[_Layer
         blocks = []
         for p in pos.unique().tolist():
             features = feature[pos == p].to(decoders.device)
-            blocks.append((p, decoders[features].T.contiguous(), acts[p, features]))
-        out.setdefault(layer, []).append(_LayerFeatures(slice(int(rows[0]), int(rows[-1]) + 1), blocks))
+            blocks.append((p, features, acts[p, features]))
+        out.setdefault(layer, []).append(_LayerFeatures(slice(int(rows[0]), int(rows[-1]) + 1), decoders, blocks))
     return out
 
 
@@ -220,7 +223,7 @@ def _batch_mlp_effects(
         out.errors[layer][rows] = _per_token_dot(directions, trace.mlp_out(layer))
         return
     for source in features:  # each active feature reads the direction at its own token
-        reads = [(directions[:, pos] @ decoders) * acts for pos, decoders, acts in source.blocks]
+        reads = [(directions[:, pos] @ source.decoder[features].T) * acts for pos, features, acts in source.blocks]
         out.features[rows, source.columns] += torch.cat(reads, dim=1)
     out.errors[layer][rows] = _per_token_dot(directions, trace.errors[layer])
     bias += (directions @ trace.transcoder_bias[layer]).sum(-1)

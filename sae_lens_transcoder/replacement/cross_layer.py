@@ -5,7 +5,7 @@ Everything downstream (splicing, evaluation, circuits, graph export) already add
 by (feature source, output layer), so this class is all a CLT needs to be traced and evaluated.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -82,6 +82,18 @@ class CrossLayerTranscoders(ReplacementSet):
 
     def b_dec(self, layer: int) -> torch.Tensor:
         return self.clt.b_dec[self._index[self._layer(layer)]] / self.input_scale
+
+    def decode(self, layer: int, acts: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """The base class's sum, over the decoder rows of features active somewhere in ``acts``
+        only: a loaded CLT's decoders are memory-mapped files, and a trace then pages in the
+        rows of its active features rather than every decoder."""
+        out = self.b_dec(layer)
+        for source in self.sources(layer):
+            codes = acts[source]
+            live = codes.reshape(-1, codes.shape[-1]).ne(0).any(0).nonzero().flatten()
+            rows = self.decoder(source, layer)[live]
+            out = out + codes[..., live].to(rows.dtype) @ rows
+        return out
 
     def skip(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         # Inputs and outputs share the training scale, so the skip is the same in model units.
