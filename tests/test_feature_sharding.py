@@ -97,3 +97,58 @@ def test_a_feature_sharded_jumprelu_clt_trains_as_one_process_does(root: Path) -
     single = _train_single(root, "jumprelu-single", **overrides)
     assert "log_threshold" in ranks[0]["shard"] and ranks[0]["shard"]["log_threshold"].shape == (N_LAYERS, HALF)
     _assert_sharded_run_is_one_process(ranks, single)
+
+
+def test_a_killed_feature_sharded_run_resumes_bit_identically(root: Path, relu_run: tuple[dict[str, Any], ...]) -> None:
+    codes, results = _spawn(root, "killed", overrides={"sae": CLT}, kill_rank=1)
+    assert codes == [1, -9]  # rank 1 SIGKILLed in step 25; rank 0 failed at the next collective, did not hang
+    error = (results / "rank0.error").read_text()
+    assert error.startswith("PeerFailure: rank 0: ") and "with the other ranks failed" in error, error
+    checkpoints = _checkpoints(root, "killed")
+    assert [int(c.name) for c in checkpoints] == [11 * 256, 21 * 256]
+    assert f"--resume_from_checkpoint {checkpoints[-1]}" in error
+    restart = {"sae": CLT, "resume_from_checkpoint": str(checkpoints[-1]), "checkpoint_path": str(root / "killed" / "ckpt")}
+    codes, results = _spawn(root, "resumed", overrides=restart)
+    assert codes == [0, 0], [p.read_text() for p in results.glob("*.error")]
+    for rank, state in enumerate(_ranks(results)):
+        for key, value in relu_run[rank]["shard"].items():
+            assert torch.equal(state["shard"][key], value), f"rank {rank}: {key} differs after resuming"
+        assert torch.equal(state["since_fired"], relu_run[rank]["since_fired"])
+        assert torch.equal(state["act_freq"], relu_run[rank]["act_freq"])
+    for key, value in relu_run[0]["whole"].items():
+        assert torch.equal(_ranks(results)[0]["whole"][key], value), key
+
+
+def test_feature_sharding_refuses_what_it_cannot_split(root: Path, relu_run: tuple[dict[str, Any], ...]) -> None:
+    del relu_run
+    model, data = build_model("gpt2", n_layers=N_LAYERS), dataset()
+    with pytest.raises(ValueError, match=r"distributed_layers='shard_features' .* this process is alone.*distributed_layers='replicate'"):
+        TranscoderTrainingRunner(job_config(root, "alone", sae=CLT), override_model=model, override_dataset=data, distributed_layers="shard_features")
+    per_layer_set = {"mlp_layer": None, "mlp_layers": "all"}
+    with pytest.raises(ValueError, match=r"a transcoder or per-layer set is not one. Use distributed_layers='shard'"):
+        TranscoderTrainingRunner(
+            job_config(root, "set", sae=per_layer_set), override_model=model, override_dataset=data, distributed_layers="shard_features"
+        )
+    clt_cfg = job_config(root, "cfg", sae=JUMPRELU_CLT).sae
+    with pytest.raises(ValueError, match=r"sae.d_sae=96 does not divide by 5; use a multiple of 5 \(e.g. 100\)"):
+        check_feature_sharding(World(rank=0, size=5), clt_cfg)
+    topk = job_config(root, "topk", sae={**CLT, "architecture": "topk_clt", "k": 8}).sae
+    with pytest.raises(ValueError, match=r"'topk_clt' ranks codes across all features.*Use 'jumprelu_clt' or 'clt'"):
+        check_feature_sharding(World(rank=0, size=2), topk)
+    assert isinstance(clt_cfg, JumpReLUCLTConfig)
+    check_feature_sharding(World(rank=0, size=2), clt_cfg)  # what the tests above train
+    # The command line's flag reaches the runner (the one-process refusal).
+    argv = [
+        "train", "--architecture", "clt", "--mlp_layers", "all", "--d_in", "128", "--d_sae", "96", "--normalize_activations", "none",
+        "--model_name", "tiny-gpt2", "--dataset_path", "embedded", "--is_dataset_tokenized", "False", "--streaming", "False",
+        "--context_size", "64", "--log_to_wandb", "False", "--distributed-layers", "shard_features",
+    ]
+    with pytest.raises(SystemExit, match="train: distributed_layers='shard_features' .* this process is alone"):
+        main(argv)
+    # A 2-rank feature-sharded checkpoint resumes on 2 ranks only.
+    checkpoint = _checkpoints(root, "relu")[0]
+    runner = TranscoderTrainingRunner(
+        job_config(root, "one", sae=CLT, resume_from_checkpoint=str(checkpoint)), override_model=model, override_dataset=data
+    )
+    with pytest.raises(ValueError, match="written by a run of 2 rank.*this run has 1.*resume with exactly 2"):
+        runner.run()
