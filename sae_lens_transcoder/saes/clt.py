@@ -242,7 +242,10 @@ class TrainingCrossLayerTranscoder(TrainingSAE[TrainingCLTConfig]):
         ``decoder_impl`` ``auto``/``sparse`` a sparse enough layer goes through ``sparse_decode``
         (the same result and gradients, touching only the active decoder rows).
         """
-        out = self.b_dec.new_zeros(*feature_acts.shape[:-2], *self.b_dec.shape)
+        # Feature sharded, the replicated b_dec is added once, after the shards' parts are summed.
+        sharded = self.feature_shards is not None
+        batch = feature_acts.shape[:-2]
+        out = self.b_dec.new_zeros(*batch, *self.b_dec.shape) if sharded else self.b_dec.expand(*batch, -1, -1).clone()
         for i, decoder in enumerate(self.W_dec):
             acts = feature_acts[..., i, :]
             kmax = self._sparse_decode_width(acts)
@@ -252,7 +255,7 @@ class TrainingCrossLayerTranscoder(TrainingSAE[TrainingCLTConfig]):
                 flat = sparse_decode(acts.reshape(-1, acts.shape[-1]), decoder.flatten(1), kmax)
                 written = flat.reshape(*acts.shape[:-1], *decoder.shape[1:])
             out[..., i:, :] += written
-        return self.b_dec + self.sum_over_feature_shards(out)
+        return self.b_dec + self.sum_over_feature_shards(out) if sharded else out
 
     def sum_over_feature_shards(self, partial: torch.Tensor) -> torch.Tensor:
         """A sum over features, of which this module holds all, or (feature sharded, see
