@@ -33,7 +33,8 @@ from sae_lens_transcoder.training.set_trainer import TranscoderSetTrainer
 
 
 class CrossLayerTranscoderTrainingRunner(TranscoderTrainingRunner):
-    """``run`` returns the trained :class:`TrainingCrossLayerTranscoder`."""
+    """``run`` returns the trained :class:`TrainingCrossLayerTranscoder` (feature sharded: the
+    whole CLT on rank 0, its share on every other rank)."""
 
     sae: TrainingCrossLayerTranscoder  # feature sharded: this rank's share
 
