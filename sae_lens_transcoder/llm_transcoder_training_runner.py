@@ -192,10 +192,7 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         saes = self._trainer_saes()
         stop = StopSignals()
         try:
-            set_trainer: type[TranscoderSetTrainer] = TranscoderSetTrainer
-            if self.world.is_distributed:
-                set_trainer = LayerShardedSetTrainer if self.shard_layers else DataParallelSetTrainer
-            self.trainer = set_trainer(
+            self.trainer = self._set_trainer_class()(
                 cfg=cfg.to_sae_trainer_config(),
                 saes=saes,
                 hook_names={name: name for name in saes},
@@ -218,6 +215,12 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         finally:
             if isinstance(source, PrefetchingIterator):
                 source.close()
+
+    def _set_trainer_class(self) -> type[TranscoderSetTrainer]:
+        """What trains the set in this world: one process, data parallel, or layer sharded."""
+        if not self.world.is_distributed:
+            return TranscoderSetTrainer
+        return LayerShardedSetTrainer if self.shard_layers else DataParallelSetTrainer
 
     def _write_inference_view(self, sae: TrainingSAE[Any], scale: float, directory: Path) -> None:
         write_inference_view(sae, scale, directory)

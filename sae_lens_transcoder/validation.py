@@ -349,10 +349,12 @@ def _check_saved_sae_for_training(cfg: LanguageModelSAERunnerConfig[Any], field:
 
 def _saved_sae_dirs(path: Path, field: str) -> list[Path]:
     """A checkpoint holds one ``layer_<i>`` directory per transcoder (one ``clt`` directory for a
-    cross-layer transcoder); a pretrained SAE is one."""
+    cross-layer transcoder, or feature sharded one ``clt.features<r>-of-<N>`` per rank); a
+    pretrained SAE is one."""
     if field != "resume_from_checkpoint":
         return [path]
-    layers = sorted(p for p in path.iterdir() if p.is_dir() and (p.name.startswith("layer_") or p.name == CLT_TRAINER_NAME))
+    names = ("layer_", f"{CLT_TRAINER_NAME}.features")
+    layers = sorted(p for p in path.iterdir() if p.is_dir() and (p.name.startswith(names) or p.name == CLT_TRAINER_NAME))
     if not layers:
         raise FileNotFoundError(
             f"{field}={str(path)!r} holds no layer_<i> (or {CLT_TRAINER_NAME}) directory: it is not a checkpoint written by "

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_autograd
 
 from sae_lens_transcoder.distributed.world import World
 
@@ -122,15 +123,52 @@ def all_to_all_rows(send: list[torch.Tensor], receive_shapes: list[tuple[int, ..
     return [chunk.view(shape) for chunk, shape in zip(received.split(sizes_out), receive_shapes)]
 
 
+def sum_over_ranks(partial: torch.Tensor, world: World) -> torch.Tensor:
+    """The sum of every rank's ``partial``, differentiable: for a loss every rank computes
+    alike from the sum (feature sharding), each rank's backward gives ``partial`` the loss's
+    own gradient.
+
+    ``torch.distributed.nn.functional.all_reduce`` sums in its backward too, so the N equal
+    upstream gradients would arrive N times over; they are divided by N on the way in. (The
+    backward's all-reduce runs inside ``backward``, where a failed peer surfaces as the
+    trainer step's error; the forward's is bounded like every other collective here.)
+    """
+    total = _guarded("summing the feature shards' outputs", lambda: dist_autograd.all_reduce(partial))
+    if total.requires_grad:
+        total.register_hook(lambda grad: grad / world.size)
+    return total
+
+
+def all_gather_rows(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """Every rank's ``tensor`` (one shape on all ranks) stacked along dim 0, in rank order."""
+    device = collective_device()
+    moved = tensor.contiguous().to(device)
+    found = [torch.empty_like(moved) for _ in range(dist.get_world_size())]
+    _guarded(what, lambda: dist.all_gather(found, moved))
+    return torch.cat(found).to(tensor.device)
+
+
+def gather_tensors_to_writer(tensor: torch.Tensor, what: str) -> list[torch.Tensor] | None:
+    """Every rank's ``tensor`` (one shape on all ranks), in rank order, on rank 0's CPU (None elsewhere)."""
+    device = collective_device()
+    moved = tensor.contiguous().to(device)
+    found = [torch.empty_like(moved) for _ in range(dist.get_world_size())] if dist.get_rank() == 0 else None
+    _guarded(what, lambda: dist.gather(moved, found, dst=0))
+    return None if found is None else [t.cpu() for t in found]
+
+
 __all__ = [
     "PeerFailure",
     "all_ranks_ok",
+    "all_gather_rows",
     "all_reduce_",
     "all_to_all_rows",
     "broadcast_from_writer",
     "broadcast_module_",
     "broadcast_object",
+    "gather_tensors_to_writer",
     "gather_to_writer",
     "max_of_int",
     "mean_of_floats",
+    "sum_over_ranks",
 ]

@@ -16,18 +16,26 @@ import torch
 from sae_lens_transcoder.distributed.collectives import all_to_all_rows
 from sae_lens_transcoder.distributed.world import World
 
-LayerMode = Literal["replicate", "shard"]
-LAYER_MODES: tuple[LayerMode, ...] = ("replicate", "shard")
+# "shard_features" splits a cross-layer transcoder's features over the ranks (see .feature_shards).
+LayerMode = Literal["replicate", "shard", "shard_features"]
+LAYER_MODES: tuple[LayerMode, ...] = ("replicate", "shard", "shard_features")
 
 
 def check_layer_mode(mode: str, is_clt: bool) -> None:
-    """Refuse a layer sharding that cannot run, naming the setting and what to do instead."""
+    """Refuse a sharding that cannot run, naming the setting and what to do instead."""
     if mode not in LAYER_MODES:
         raise ValueError(f"distributed_layers={mode!r} is not one of {LAYER_MODES}.")
     if mode == "shard" and is_clt:
         raise ValueError(
             "distributed_layers='shard' cannot split a cross-layer transcoder: it is one module whose "
-            "encoders write to every later layer. Use distributed_layers='replicate' (data parallel)."
+            "encoders write to every later layer. Use distributed_layers='shard_features' (its features "
+            "split over the ranks) or distributed_layers='replicate' (data parallel)."
+        )
+    if mode == "shard_features" and not is_clt:
+        raise ValueError(
+            "distributed_layers='shard_features' splits a cross-layer transcoder's features over the ranks; "
+            "a transcoder or per-layer set is not one. Use distributed_layers='shard' (a set's layers split "
+            "over the ranks) or distributed_layers='replicate' (data parallel)."
         )
 
 

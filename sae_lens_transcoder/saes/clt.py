@@ -40,6 +40,8 @@ from torch import nn
 from typing_extensions import override
 
 from sae_lens_transcoder.distributed.replicas import mean_across_replicas, min_across_replicas
+from sae_lens_transcoder.distributed.collectives import sum_over_ranks
+from sae_lens_transcoder.distributed.world import World
 from sae_lens_transcoder.saes.mixin import TranscoderConfigMixin
 from sae_lens_transcoder.saes.sparse_decode import SPARSE_DECODE_MAX_DENSITY, densest_row, sparse_decode
 
@@ -147,6 +149,8 @@ class TrainingCrossLayerTranscoder(TrainingSAE[TrainingCLTConfig]):
     b_enc: nn.Parameter  # [L, d_sae]
     b_dec: nn.Parameter  # [L, d_out]
     W_dec: nn.ParameterList  # [i] -> [d_sae, L - i, d_out]
+    # Set on one rank's share of a feature-sharded CLT (cfg.d_sae is then that share's width).
+    feature_shards: World | None = None
 
     @property
     def n_layers(self) -> int:
@@ -238,7 +242,10 @@ class TrainingCrossLayerTranscoder(TrainingSAE[TrainingCLTConfig]):
         ``decoder_impl`` ``auto``/``sparse`` a sparse enough layer goes through ``sparse_decode``
         (the same result and gradients, touching only the active decoder rows).
         """
-        out = self.b_dec.expand(*feature_acts.shape[:-2], -1, -1).clone()
+        # Feature sharded, the replicated b_dec is added once, after the shards' parts are summed.
+        sharded = self.feature_shards is not None
+        batch = feature_acts.shape[:-2]
+        out = self.b_dec.new_zeros(*batch, *self.b_dec.shape) if sharded else self.b_dec.expand(*batch, -1, -1).clone()
         for i, decoder in enumerate(self.W_dec):
             acts = feature_acts[..., i, :]
             kmax = self._sparse_decode_width(acts)
@@ -248,7 +255,15 @@ class TrainingCrossLayerTranscoder(TrainingSAE[TrainingCLTConfig]):
                 flat = sparse_decode(acts.reshape(-1, acts.shape[-1]), decoder.flatten(1), kmax)
                 written = flat.reshape(*acts.shape[:-1], *decoder.shape[1:])
             out[..., i:, :] += written
-        return out
+        return self.b_dec + self.sum_over_feature_shards(out) if sharded else out
+
+    def sum_over_feature_shards(self, partial: torch.Tensor) -> torch.Tensor:
+        """A sum over features, of which this module holds all, or (feature sharded, see
+        ``distributed.feature_shards``) one rank's share: then the sum over every rank's share,
+        the same on every rank, whose backward gives each rank its own features' gradients."""
+        if self.feature_shards is None:
+            return partial
+        return sum_over_ranks(partial, self.feature_shards)
 
     def _sparse_decode_width(self, acts: torch.Tensor) -> int | None:
         impl = self.cfg.decoder_impl
@@ -330,15 +345,17 @@ class TrainingCrossLayerTranscoder(TrainingSAE[TrainingCLTConfig]):
         )
 
     def _sparsity_losses(self, acts: torch.Tensor, hidden_pre: torch.Tensor, coefficients: dict[str, float]) -> dict[str, torch.Tensor]:
+        # Sums over features, so a feature shard's part is summed over the shards.
         if self.cfg.activation == "relu":
-            return {"l1_loss": coefficients["l1"] * (acts * self.decoder_norms()).sum(dim=(-2, -1)).mean()}
+            l1 = self.sum_over_feature_shards((acts * self.decoder_norms()).sum(dim=(-2, -1)).mean())
+            return {"l1_loss": coefficients["l1"] * l1}
         if self.cfg.activation == "jumprelu":
             cfg: JumpReLUCLTConfig = self.cfg  # type: ignore[assignment]
             if cfg.jumprelu_sparsity_loss_mode == "step":
                 per_token = Step.apply(hidden_pre, self.threshold, cfg.jumprelu_bandwidth, False).sum(dim=(-2, -1))  # type: ignore[attr-defined]
             else:
                 per_token = torch.tanh(cfg.jumprelu_tanh_scale * acts * self.decoder_norms()).sum(dim=(-2, -1))
-            return {"l0_loss": coefficients["l0"] * per_token.mean()}
+            return {"l0_loss": coefficients["l0"] * self.sum_over_feature_shards(per_token.mean())}
         return {}
 
     @override

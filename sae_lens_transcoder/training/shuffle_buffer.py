@@ -85,8 +85,10 @@ class ShuffleBuffer:
         for _ in range(state.n_source_batches - self.n_source_batches):
             skip_source_batch()
         self.n_source_batches = state.n_source_batches
-        self.storage = state.storage if state.storage.numel() else None
         self.serving = state.serving if state.serving.numel() else None
+        # Rows still to serve beside an empty remainder (a buffer that split into whole
+        # batches): the remainder is an empty tensor, as when the state was taken, not none.
+        self.storage = state.storage if state.storage.numel() or self.serving is not None else None
         self.n_served = state.n_served
         self.generator.set_state(state.generator_state)
         self._generator_state = state.generator_state
