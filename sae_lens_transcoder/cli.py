@@ -76,9 +76,11 @@ def train(argv: Sequence[str]) -> dict[str, Any]:
     parser.add_argument(
         "--distributed-layers",
         choices=LAYER_MODES,
-        default="replicate",
-        help="under torchrun, for a set: 'replicate' (every rank trains every transcoder, data parallel) or "
-        "'shard' (each rank trains its share of the layers, round-robin, on the global batch)",
+        default=None,
+        help="under torchrun (overrides sae.distributed_layers, default 'replicate'): 'replicate' (every rank "
+        "trains everything, data parallel), 'shard' (a set: each rank trains its share of the layers, "
+        "round-robin, on the global batch) or 'shard_features' (a CLT: each rank trains its share of every "
+        "layer's features)",
     )
     ours, sae_lens_args = parser.parse_known_args(argv)
     if ours.help_sae_lens:

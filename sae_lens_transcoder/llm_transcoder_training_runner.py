@@ -33,7 +33,7 @@ from sae_lens_transcoder.atomic import replace_dir_atomically
 from sae_lens_transcoder.distributed import DataParallelSetTrainer, current_world
 from sae_lens_transcoder.distributed.collectives import all_ranks_ok
 from sae_lens_transcoder.distributed.config import prepare_config_for_world
-from sae_lens_transcoder.distributed.layers import LayerMode, check_enough_layers, check_layer_mode
+from sae_lens_transcoder.distributed.layers import LayerMode, check_enough_layers, check_layer_mode, chosen_layer_mode
 from sae_lens_transcoder.distributed.sharded_trainer import LayerShardedSetTrainer
 from sae_lens_transcoder.hooks import chosen_input_hook, hook_layer, mlp_out_hook, validate_transcoder_hooks
 from sae_lens_transcoder.layer_spec import parse_mlp_layers
@@ -115,7 +115,7 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         *,
         override_saes: dict[int, TrainingSAE[Any]] | None = None,
         overwrite_output: bool = False,
-        distributed_layers: LayerMode = "replicate",
+        distributed_layers: LayerMode | None = None,
     ):
         # SAELens's __init__ builds a single-hook store and its stock evaluator inline
         # (no factory seam), so this builds the runner's parts itself.
@@ -130,6 +130,7 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         self.world = current_world()
         prepare_config_for_world(cfg, self.world)
         # "shard": each rank trains some of the set's transcoders on the global batch (distributed/layers.py).
+        distributed_layers = chosen_layer_mode(cfg.sae, distributed_layers)
         check_layer_mode(distributed_layers, is_clt_architecture(cfg.sae.architecture()))
         self.shard_layers = self.world.is_distributed and distributed_layers == "shard"
         self.model = override_model if override_model is not None else self._load_model()

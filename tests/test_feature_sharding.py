@@ -152,3 +152,33 @@ def test_feature_sharding_refuses_what_it_cannot_split(root: Path, relu_run: tup
     )
     with pytest.raises(ValueError, match="written by a run of 2 rank.*this run has 1.*resume with exactly 2"):
         runner.run()
+
+
+def test_the_mode_is_a_config_field_in_python_yaml_and_flags(tmp_path: Path) -> None:
+    """``sae.distributed_layers`` picks the mode from a config (dict or YAML file) as the runner's
+    argument and ``--distributed-layers`` do; a value that is no mode is refused by name."""
+    import yaml
+
+    model, data = build_model("gpt2", n_layers=N_LAYERS), dataset()
+    with pytest.raises(ValueError, match=r"distributed_layers='shard_features' .* this process is alone"):
+        TranscoderTrainingRunner(
+            job_config(tmp_path, "dict", sae={**CLT, "distributed_layers": "shard_features"}), override_model=model, override_dataset=data
+        )
+    config = {
+        "model_name": "tiny-gpt2", "dataset_path": "embedded", "is_dataset_tokenized": False, "streaming": False,
+        "context_size": 64, "logger": {"log_to_wandb": False}, "output_path": str(tmp_path / "out"),
+        "sae": {"architecture": "clt", "mlp_layers": "all", "d_in": 128, "d_sae": 96, "normalize_activations": "none",
+                "distributed_layers": "shard_features"},
+    }
+    path = tmp_path / "clt.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match="train: distributed_layers='shard_features' .* this process is alone"):
+        main(["train", "--config", str(path)])
+    del config["sae"]["distributed_layers"]
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match="train: distributed_layers='shard_features' .* this process is alone"):
+        main(["train", "--config", str(path), "--distributed_layers", "shard_features"])
+    config["sae"]["distributed_layers"] = "shard_all"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match=r"sae.distributed_layers must be one of replicate, shard, shard_features; got 'shard_all'"):
+        main(["train", "--config", str(path)])

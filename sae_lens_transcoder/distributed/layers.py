@@ -21,6 +21,11 @@ LayerMode = Literal["replicate", "shard", "shard_features"]
 LAYER_MODES: tuple[LayerMode, ...] = ("replicate", "shard", "shard_features")
 
 
+def chosen_layer_mode(sae_cfg: Any, given: LayerMode | None) -> LayerMode:
+    """The runner's ``distributed_layers`` argument if given, else the config's ``sae.distributed_layers``."""
+    return given if given is not None else getattr(sae_cfg, "distributed_layers", "replicate")
+
+
 def check_layer_mode(mode: str, is_clt: bool) -> None:
     """Refuse a sharding that cannot run, naming the setting and what to do instead."""
     if mode not in LAYER_MODES:

@@ -31,6 +31,7 @@ from sae_lens.saes.sae import SAE, SAEConfig, TrainingSAE, TrainingSAEConfig, Tr
 from torch import nn
 from typing_extensions import override
 
+from sae_lens_transcoder.distributed.layers import LAYER_MODES, LayerMode
 from sae_lens_transcoder.distributed.replicas import mean_across_replicas
 from sae_lens_transcoder.saes.sparse_decode import SPARSE_DECODE_MAX_DENSITY, densest_row, sparse_decode
 from sae_lens_transcoder.training.checkpoint_view import training_weights_file
@@ -57,6 +58,7 @@ class TranscoderConfigMixin(TrainingSAEConfig):
     the transcoder also does the norm's job. ``decoder_impl`` picks the training
     decode: ``sparse`` gathers each token's non-zero codes (``sparse_decode``), ``dense`` is
     SAELens's matmul, ``auto`` uses the sparse one whenever the batch is sparse enough.
+    ``distributed_layers`` picks how a run under torchrun splits the work (``distributed/``).
     """
 
     # Skip architectures set this: a trained affine skip ``x @ W_skip.T`` (zero at start).
@@ -77,6 +79,8 @@ class TranscoderConfigMixin(TrainingSAEConfig):
     b_dec_init: Literal["mean", "zeros"] = "mean"
     b_enc_init: Literal["mean_input", "zeros"] = "mean_input"
     decoder_impl: Literal["auto", "dense", "sparse"] = "auto"
+    # Under torchrun: every rank trains everything (data parallel), a set's layers or a CLT's features split over ranks.
+    distributed_layers: LayerMode = "replicate"
 
     def __post_init__(self) -> None:
         if self.apply_b_dec_to_input:
@@ -101,6 +105,8 @@ class TranscoderConfigMixin(TrainingSAEConfig):
             raise ValueError(f"sae.mlp_input_hook must be 'exact' or 'hook_mlp_in'; got {self.mlp_input_hook!r}.")
         if self.b_dec_init not in ("mean", "zeros"):
             raise ValueError(f"sae.b_dec_init must be 'mean' or 'zeros'; got {self.b_dec_init!r}.")
+        if self.distributed_layers not in LAYER_MODES:
+            raise ValueError(f"sae.distributed_layers must be one of {', '.join(LAYER_MODES)}; got {self.distributed_layers!r}.")
         if self.decoder_impl not in ("auto", "dense", "sparse"):
             raise ValueError(f"sae.decoder_impl must be 'auto', 'dense' or 'sparse'; got {self.decoder_impl!r}.")
         if self.decoder_impl == "sparse" and not self.sparse_decode_exact:

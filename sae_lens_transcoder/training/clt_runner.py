@@ -21,7 +21,7 @@ from sae_lens.util import temporary_seed
 
 from sae_lens_transcoder.distributed.feature_shards import check_feature_sharding, shard_clt
 from sae_lens_transcoder.distributed.feature_trainer import FeatureShardedSetTrainer
-from sae_lens_transcoder.distributed.layers import LayerMode
+from sae_lens_transcoder.distributed.layers import LayerMode, chosen_layer_mode
 from sae_lens_transcoder.distributed.world import current_world
 from sae_lens_transcoder.llm_transcoder_training_runner import TranscoderTrainingRunner
 from sae_lens_transcoder.replacement import ReplacementSet
@@ -38,8 +38,9 @@ class CrossLayerTranscoderTrainingRunner(TranscoderTrainingRunner):
 
     sae: TrainingCrossLayerTranscoder  # feature sharded: this rank's share
 
-    def __init__(self, cfg: Any, *args: Any, distributed_layers: LayerMode = "replicate", **kwargs: Any):
+    def __init__(self, cfg: Any, *args: Any, distributed_layers: LayerMode | None = None, **kwargs: Any):
         # Known before the transcoders are built (and refused before the model is loaded).
+        distributed_layers = chosen_layer_mode(cfg.sae, distributed_layers)
         self.shard_features = distributed_layers == "shard_features"
         if self.shard_features:
             check_feature_sharding(current_world(), cfg.sae)
