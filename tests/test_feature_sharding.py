@@ -23,6 +23,8 @@ from tests.test_distributed import _checkpoints, _train_single
 CLT = {"architecture": "clt", "mlp_layer": None, "mlp_layers": "all", "d_sae": 96, "l1_coefficient": 1e-3, "normalize_activations": "none"}
 JUMPRELU_CLT = {**CLT, "architecture": "jumprelu_clt", "l0_coefficient": 1e-3, "jumprelu_init_threshold": 0.05}
 del JUMPRELU_CLT["l1_coefficient"]
+TOPK_CLT = {**CLT, "architecture": "topk_clt", "k": 8}
+del TOPK_CLT["l1_coefficient"]
 HALF = 96 // 2
 
 
@@ -99,6 +101,17 @@ def test_a_feature_sharded_jumprelu_clt_trains_as_one_process_does(root: Path) -
     _assert_sharded_run_is_one_process(ranks, single)
 
 
+def test_a_feature_sharded_topk_clt_keeps_the_top_k_of_all_features(root: Path) -> None:
+    """Each shard keeps its codes at or above the k-th largest of every shard's: the codes, and so
+    the training, of one process's TopK over the whole CLT."""
+    overrides = {"sae": TOPK_CLT, "n_checkpoints": 0}
+    codes, results = _spawn(root, "topk", overrides=overrides)
+    assert codes == [0, 0], [p.read_text() for p in results.glob("*.error")]
+    single = _train_single(root, "topk-single", **overrides)
+    _assert_sharded_run_is_one_process(_ranks(results), single)
+    assert _ranks(results)[0]["l0"] == pytest.approx(8 * N_LAYERS, rel=1e-6)  # k per layer, summed over shards
+
+
 def test_a_killed_feature_sharded_run_resumes_bit_identically(root: Path, relu_run: tuple[dict[str, Any], ...]) -> None:
     codes, results = _spawn(root, "killed", overrides={"sae": CLT}, kill_rank=1)
     assert codes == [1, -9]  # rank 1 SIGKILLed in step 25; rank 0 failed at the next collective, did not hang
@@ -132,9 +145,9 @@ def test_feature_sharding_refuses_what_it_cannot_split(root: Path, relu_run: tup
     clt_cfg = job_config(root, "cfg", sae=JUMPRELU_CLT).sae
     with pytest.raises(ValueError, match=r"sae.d_sae=96 does not divide by 5; use a multiple of 5 \(e.g. 100\)"):
         check_feature_sharding(World(rank=0, size=5), clt_cfg)
-    topk = job_config(root, "topk", sae={**CLT, "architecture": "topk_clt", "k": 8}).sae
-    with pytest.raises(ValueError, match=r"'topk_clt' ranks codes across all features.*Use 'jumprelu_clt' or 'clt'"):
-        check_feature_sharding(World(rank=0, size=2), topk)
+    batchtopk = job_config(root, "batchtopk", sae={**TOPK_CLT, "architecture": "batchtopk_clt"}).sae
+    with pytest.raises(ValueError, match=r"'batchtopk_clt' cuts codes across all features and the whole batch.*Use 'topk_clt'"):
+        check_feature_sharding(World(rank=0, size=2), batchtopk)
     assert isinstance(clt_cfg, JumpReLUCLTConfig)
     check_feature_sharding(World(rank=0, size=2), clt_cfg)  # what the tests above train
     # The command line's flag reaches the runner (the one-process refusal).

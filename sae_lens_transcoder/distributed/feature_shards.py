@@ -8,8 +8,10 @@ A shard is an ordinary :class:`TrainingCrossLayerTranscoder` of ``d_sae/N`` feat
 of the sparsity penalties over the ranks (:func:`~.collectives.sum_over_ranks`), so every rank
 computes the whole CLT's loss on the global batch, which :class:`GatheredBatches` gives every
 rank. ``b_dec`` and ``W_skip`` are replicated: they get the same gradient on every rank. Codes
-are elementwise in ReLU and JumpReLU; TopK and BatchTopK, which rank codes across all
-features, are refused.
+are elementwise in ReLU and JumpReLU; TopK ranks every token's codes across all features, so
+each shard keeps its codes at or above the k-th largest of the ranks' own top k
+(:func:`.shard_topk.topk_across_shards`). BatchTopK, whose cut also runs over the batch and feeds the
+running threshold, is refused.
 """
 
 import copy
@@ -23,7 +25,7 @@ from sae_lens_transcoder.distributed.collectives import all_gather_rows, all_red
 from sae_lens_transcoder.distributed.world import World
 from sae_lens_transcoder.saes.clt import TrainingCLTConfig, TrainingCrossLayerTranscoder
 
-SHARDABLE_ACTIVATIONS = ("relu", "jumprelu")
+SHARDABLE_ACTIVATIONS = ("relu", "jumprelu", "topk")
 # SAETrainer._train_step clips every step's gradient to this norm over the module's parameters.
 SAE_LENS_MAX_GRAD_NORM = 1.0
 
@@ -38,10 +40,10 @@ def check_feature_sharding(world: World, cfg: TrainingCLTConfig) -> None:
         )
     if cfg.activation not in SHARDABLE_ACTIVATIONS:
         raise ValueError(
-            f"distributed_layers='shard_features' supports the elementwise CLT activations {SHARDABLE_ACTIVATIONS} "
-            f"(sae.architecture 'clt' or 'jumprelu_clt'); {cfg.architecture()!r} ranks codes across all features, "
-            "which would need the top k gathered from every shard (not built). Use 'jumprelu_clt' or 'clt', or "
-            "distributed_layers='replicate' (data parallel)."
+            f"distributed_layers='shard_features' supports the CLT activations {SHARDABLE_ACTIVATIONS} "
+            f"(sae.architecture 'clt', 'jumprelu_clt' or 'topk_clt'); {cfg.architecture()!r} cuts codes across all "
+            "features and the whole batch, with a running threshold (not built across shards). Use 'topk_clt', "
+            "'jumprelu_clt' or 'clt', or distributed_layers='replicate' (data parallel)."
         )
     if cfg.d_sae % world.size:
         raise ValueError(

@@ -41,6 +41,7 @@ from typing_extensions import override
 
 from sae_lens_transcoder.distributed.replicas import mean_across_replicas, min_across_replicas
 from sae_lens_transcoder.distributed.collectives import sum_over_ranks
+from sae_lens_transcoder.distributed.shard_topk import topk_across_shards
 from sae_lens_transcoder.distributed.world import World
 from sae_lens_transcoder.saes.mixin import TranscoderConfigMixin
 from sae_lens_transcoder.saes.sparse_decode import SPARSE_DECODE_MAX_DENSITY, densest_row, sparse_decode
@@ -210,6 +211,8 @@ class TrainingCrossLayerTranscoder(TrainingSAE[TrainingCLTConfig]):
                 return hidden_pre * (hidden_pre > self.threshold)
             # Per layer: the k · batch largest of that layer's codes over the whole batch.
             return torch.stack([self.batch_topk(hidden_pre[..., i, :]) for i in range(self.n_layers)], dim=-2)
+        if self.feature_shards is not None:  # the top k of every rank's features, not this share's
+            return topk_across_shards(hidden_pre, self.cfg.k)  # type: ignore[attr-defined]
         return self.topk(hidden_pre)
 
     @torch.no_grad()
