@@ -101,15 +101,22 @@ def test_a_feature_sharded_jumprelu_clt_trains_as_one_process_does(root: Path) -
     _assert_sharded_run_is_one_process(ranks, single)
 
 
-def test_a_feature_sharded_topk_clt_keeps_the_top_k_of_all_features(root: Path) -> None:
-    """Each shard keeps its codes at or above the k-th largest of every shard's: the codes, and so
-    the training, of one process's TopK over the whole CLT."""
-    overrides = {"sae": TOPK_CLT, "n_checkpoints": 0}
-    codes, results = _spawn(root, "topk", overrides=overrides)
+@pytest.mark.parametrize("architecture", ["topk_clt", "batchtopk_clt"])
+def test_a_feature_sharded_topk_clt_keeps_the_top_k_of_all_features(root: Path, architecture: str) -> None:
+    """Each shard keeps its codes at or above the cut gathered from every shard (per token for
+    TopK, over the batch for BatchTopK, whose running threshold follows the smallest code any
+    shard kept): the codes, and so the training, of one process over the whole CLT."""
+    overrides = {"sae": {**TOPK_CLT, "architecture": architecture}, "n_checkpoints": 0}
+    codes, results = _spawn(root, architecture, overrides=overrides)
     assert codes == [0, 0], [p.read_text() for p in results.glob("*.error")]
-    single = _train_single(root, "topk-single", **overrides)
-    _assert_sharded_run_is_one_process(_ranks(results), single)
-    assert _ranks(results)[0]["l0"] == pytest.approx(8 * N_LAYERS, rel=1e-6)  # k per layer, summed over shards
+    single = _train_single(root, f"{architecture}-single", **overrides)
+    ranks = _ranks(results)
+    _assert_sharded_run_is_one_process(ranks, single)
+    if architecture == "topk_clt":  # k per token and layer, summed over the shards
+        assert ranks[0]["l0"] == pytest.approx(8 * N_LAYERS, rel=1e-6)
+    else:
+        threshold = single.sae.topk_threshold
+        assert bool((threshold > 0).all()) and torch.equal(ranks[1]["shard"]["topk_threshold"], ranks[0]["shard"]["topk_threshold"])
 
 
 def test_a_killed_feature_sharded_run_resumes_bit_identically(root: Path, relu_run: tuple[dict[str, Any], ...]) -> None:
@@ -145,9 +152,6 @@ def test_feature_sharding_refuses_what_it_cannot_split(root: Path, relu_run: tup
     clt_cfg = job_config(root, "cfg", sae=JUMPRELU_CLT).sae
     with pytest.raises(ValueError, match=r"sae.d_sae=96 does not divide by 5; use a multiple of 5 \(e.g. 100\)"):
         check_feature_sharding(World(rank=0, size=5), clt_cfg)
-    batchtopk = job_config(root, "batchtopk", sae={**TOPK_CLT, "architecture": "batchtopk_clt"}).sae
-    with pytest.raises(ValueError, match=r"'batchtopk_clt' cuts codes across all features and the whole batch.*Use 'topk_clt'"):
-        check_feature_sharding(World(rank=0, size=2), batchtopk)
     assert isinstance(clt_cfg, JumpReLUCLTConfig)
     check_feature_sharding(World(rank=0, size=2), clt_cfg)  # what the tests above train
     # The command line's flag reaches the runner (the one-process refusal).

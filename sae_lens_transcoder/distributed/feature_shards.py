@@ -8,10 +8,9 @@ A shard is an ordinary :class:`TrainingCrossLayerTranscoder` of ``d_sae/N`` feat
 of the sparsity penalties over the ranks (:func:`~.collectives.sum_over_ranks`), so every rank
 computes the whole CLT's loss on the global batch, which :class:`GatheredBatches` gives every
 rank. ``b_dec`` and ``W_skip`` are replicated: they get the same gradient on every rank. Codes
-are elementwise in ReLU and JumpReLU; TopK ranks every token's codes across all features, so
-each shard keeps its codes at or above the k-th largest of the ranks' own top k
-(:func:`.shard_topk.topk_across_shards`). BatchTopK, whose cut also runs over the batch and feeds the
-running threshold, is refused.
+are elementwise in ReLU and JumpReLU; TopK and BatchTopK cut codes across all features, so each
+shard keeps its codes at or above the cut gathered from every shard (``shard_topk``), and
+BatchTopK's running threshold follows the smallest code any shard kept.
 """
 
 import copy
@@ -25,7 +24,6 @@ from sae_lens_transcoder.distributed.collectives import all_gather_rows, all_red
 from sae_lens_transcoder.distributed.world import World
 from sae_lens_transcoder.saes.clt import TrainingCLTConfig, TrainingCrossLayerTranscoder
 
-SHARDABLE_ACTIVATIONS = ("relu", "jumprelu", "topk")
 # SAETrainer._train_step clips every step's gradient to this norm over the module's parameters.
 SAE_LENS_MAX_GRAD_NORM = 1.0
 
@@ -37,13 +35,6 @@ def check_feature_sharding(world: World, cfg: TrainingCLTConfig) -> None:
             "distributed_layers='shard_features' splits a cross-layer transcoder's features over the ranks of a "
             "torchrun job, and this process is alone. Launch it under torchrun with more than one rank, or use "
             "distributed_layers='replicate' on one process."
-        )
-    if cfg.activation not in SHARDABLE_ACTIVATIONS:
-        raise ValueError(
-            f"distributed_layers='shard_features' supports the CLT activations {SHARDABLE_ACTIVATIONS} "
-            f"(sae.architecture 'clt', 'jumprelu_clt' or 'topk_clt'); {cfg.architecture()!r} cuts codes across all "
-            "features and the whole batch, with a running threshold (not built across shards). Use 'topk_clt', "
-            "'jumprelu_clt' or 'clt', or distributed_layers='replicate' (data parallel)."
         )
     if cfg.d_sae % world.size:
         raise ValueError(

@@ -41,7 +41,7 @@ from typing_extensions import override
 
 from sae_lens_transcoder.distributed.replicas import mean_across_replicas, min_across_replicas
 from sae_lens_transcoder.distributed.collectives import sum_over_ranks
-from sae_lens_transcoder.distributed.shard_topk import topk_across_shards
+from sae_lens_transcoder.distributed.shard_topk import batch_topk_across_shards, min_over_shards, topk_across_shards
 from sae_lens_transcoder.distributed.world import World
 from sae_lens_transcoder.saes.mixin import TranscoderConfigMixin
 from sae_lens_transcoder.saes.sparse_decode import SPARSE_DECODE_MAX_DENSITY, densest_row, sparse_decode
@@ -209,8 +209,9 @@ class TrainingCrossLayerTranscoder(TrainingSAE[TrainingCLTConfig]):
         if self.cfg.activation == "batchtopk":
             if not self.training:
                 return hidden_pre * (hidden_pre > self.threshold)
-            # Per layer: the k · batch largest of that layer's codes over the whole batch.
-            return torch.stack([self.batch_topk(hidden_pre[..., i, :]) for i in range(self.n_layers)], dim=-2)
+            # Per layer: the k · batch largest of that layer's codes over the whole batch (and every shard).
+            batch_topk = self.batch_topk if self.feature_shards is None else lambda x: batch_topk_across_shards(x, self.cfg.k)  # type: ignore[attr-defined]
+            return torch.stack([batch_topk(hidden_pre[..., i, :]) for i in range(self.n_layers)], dim=-2)
         if self.feature_shards is not None:  # the top k of every rank's features, not this share's
             return topk_across_shards(hidden_pre, self.cfg.k)  # type: ignore[attr-defined]
         return self.topk(hidden_pre)
@@ -220,11 +221,12 @@ class TrainingCrossLayerTranscoder(TrainingSAE[TrainingCLTConfig]):
         """Each layer's threshold follows the smallest code its batch kept, as SAELens's BatchTopK;
         the first batch sets it outright (an average from 0 would need hundreds of steps)."""
         lr = 1.0 if first else self.cfg.topk_threshold_lr  # type: ignore[attr-defined]
+        smallest = torch.where(acts > 0, acts, torch.inf).flatten(0, -3).amin(0).amin(-1)  # [L], inf: none kept
+        if self.feature_shards is not None:  # the smallest code any shard kept
+            smallest = min_over_shards(smallest)
         for i in range(self.n_layers):
-            kept = acts[..., i, :]
-            kept = kept[kept > 0]
-            if kept.numel():
-                self.topk_threshold[i] = (1 - lr) * self.topk_threshold[i] + lr * kept.min()
+            if torch.isfinite(smallest[i]):
+                self.topk_threshold[i] = (1 - lr) * self.topk_threshold[i] + lr * smallest[i]
         # Data parallel: the minimum of the ranks' cuts is the cut of the global batch's minimum.
         self.topk_threshold.copy_(min_across_replicas(self.topk_threshold))
 
