@@ -440,3 +440,22 @@ def test_two_ranks_attribute_a_prompts_file_as_one_process_does(tmp_path: Path) 
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(SystemExit, match="--prompts-file .*empty.txt holds no prompt; write one prompt per line"):
         main(["attribute", "--transcoders", *transcoders, "--prompts-file", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "x")])
+
+
+def test_one_prompt_under_torchrun_is_rank_0s_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``attribute --prompt`` on a rank other than 0 of a torchrun job loads nothing and writes
+    nothing (rank 0 writes the graph); under rank 0's variables it attributes as alone."""
+    from sae_lens_transcoder.circuits.command import attribute
+
+    model = load_model("tiny-gpt2")
+    tc = random_transcoder(model, 1, hook="ln2.hook_normalized")
+    tc.cfg.metadata.model_name = "tiny-gpt2"
+    tc.save_model(tmp_path / "layer1")
+    argv = ["attribute", "--transcoders", str(tmp_path / "layer1"), "--prompt", PROMPTS[1], "--max-expansions", "4"]
+    for name, value in {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999", "RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert attribute(argv[1:] + ["--out", str(tmp_path / "rank1")]) == {"rank": 1}
+    assert not (tmp_path / "rank1").exists()
+    monkeypatch.setenv("RANK", "0")
+    summary = attribute(argv[1:] + ["--out", str(tmp_path / "rank0")])
+    assert summary["n_nodes"] > 1 and (tmp_path / "rank0" / "graph.json").is_file()

@@ -3,6 +3,7 @@ prompt or for each of a file of them (shared by the ranks under torchrun)."""
 
 import argparse
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from sae_lens_transcoder.circuits.targets import check_feature_flags, resolve_ta
 from sae_lens_transcoder.circuits.trace import Trace, trace_prompt
 from sae_lens_transcoder.distributed.collectives import PeerFailure
 from sae_lens_transcoder.distributed.prompts import PromptsFailed, over_prompts
-from sae_lens_transcoder.distributed.world import DEFAULT_TIMEOUT_S, process_group_from_env
+from sae_lens_transcoder.distributed.world import DEFAULT_TIMEOUT_S, launched_by_torchrun, process_group_from_env
 from sae_lens_transcoder.features.feature_files import write_graph_feature_files
 from sae_lens_transcoder.loading import load_model_for, load_transcoders
 from sae_lens_transcoder.replacement import PerLayerTranscoders, ReplacementSet
@@ -117,6 +118,10 @@ def attribute(argv: Sequence[str]) -> dict[str, Any]:
         check_number("--dist-timeout", args.dist_timeout, integer=False, minimum=1)
         prompts = _read_prompts(Path(args.prompts_file)) if args.prompts_file else None
     if prompts is None:
+        if launched_by_torchrun() and int(os.environ["RANK"]) != 0:
+            # One prompt is one rank's work: the others would only write the same files again.
+            print(f"rank {os.environ['RANK']}: one --prompt is attributed by rank 0 (--prompts-file shares prompts over the ranks)")
+            return {"rank": int(os.environ["RANK"])}
         return _attribute_prompt(args.prompt, Path(args.out), *_load(args), args)
     # Under torchrun, each rank attributes its share of the prompts (rank r: r, r + N, ...).
     with process_group_from_env(args.device, args.dist_timeout) as world:
