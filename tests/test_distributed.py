@@ -459,3 +459,10 @@ def test_one_prompt_under_torchrun_is_rank_0s_work(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("RANK", "0")
     summary = attribute(argv[1:] + ["--out", str(tmp_path / "rank0")])
     assert summary["n_nodes"] > 1 and (tmp_path / "rank0" / "graph.json").is_file()
+
+
+def test_the_backend_follows_the_device() -> None:
+    """NCCL for CUDA devices (any index), gloo for CPU: chosen from the runner's device, not asked for."""
+    from sae_lens_transcoder.distributed.world import backend_for
+
+    assert [backend_for(d) for d in ("cuda", "cuda:1", "cpu")] == ["nccl", "nccl", "gloo"]
