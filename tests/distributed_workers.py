@@ -67,15 +67,29 @@ def job_config(root: Path, name: str, **overrides: Any) -> LanguageModelSAERunne
     return runner_config(**settings)
 
 
-class KillAt(TrainingTranscoder):
-    """Dies (SIGKILL, no clean-up) in the middle of a training step, like a lost machine."""
+def tiny_clt_train_argv(out: Path) -> list[str]:
+    """`train` of a small CLT on the bundled tiny model into ``out``, for the distributed modes' refusals."""
+    return [
+        "train", "--architecture", "clt", "--mlp_layers", "all", "--d_in", "128", "--d_sae", "96", "--normalize_activations", "none",
+        "--model_name", "tiny-gpt2", "--dataset_path", "embedded", "--is_dataset_tokenized", "False", "--streaming", "False",
+        "--context_size", "64", "--log_to_wandb", "False", "--output_path", str(out),
+    ]
+
+
+class KillsAtStep:
+    """Mixed into a training SAE class: dies (SIGKILL, no clean-up) in the middle of training
+    step ``at_step``, like a lost machine."""
 
     at_step = 25
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         if step_input.n_training_steps == self.at_step:
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().training_forward_pass(step_input)
+        return super().training_forward_pass(step_input)  # type: ignore[misc,no-any-return]
+
+
+class KillAt(KillsAtStep, TrainingTranscoder):
+    """A transcoder that dies in step 25."""
 
 
 def set_dying_at_layer(cfg: LanguageModelSAERunnerConfig[Any], n_layers: int, kill_layer: int) -> dict[int, Any]:

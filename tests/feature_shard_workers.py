@@ -7,7 +7,6 @@ workers' helpers).
 import copy
 import datetime
 import os
-import signal
 import traceback
 from dataclasses import replace
 from pathlib import Path
@@ -16,26 +15,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from sae_lens import LanguageModelSAERunnerConfig
-from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.util import temporary_seed
 
 from sae_lens_transcoder import TranscoderTrainingRunner
 from sae_lens_transcoder.saes.clt import TrainingCrossLayerTranscoder
 from tests.conftest import build_model
-from tests.distributed_workers import dataset, job_config
+from tests.distributed_workers import KillsAtStep, dataset, job_config
 
 N_LAYERS = 2
 
 
-class KillAtCLT(TrainingCrossLayerTranscoder):
-    """Dies (SIGKILL, no clean-up) in the middle of a training step, like a lost machine."""
-
-    at_step = 25
-
-    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        if step_input.n_training_steps == self.at_step:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return super().training_forward_pass(step_input)
+class KillAtCLT(KillsAtStep, TrainingCrossLayerTranscoder):
+    """A cross-layer transcoder that dies in step 25."""
 
 
 def dying_clt(cfg: LanguageModelSAERunnerConfig[Any]) -> KillAtCLT:

@@ -29,7 +29,7 @@ from tests.conftest import build_model
 from sae_lens_transcoder.models import load_model
 from tests.circuit_fixtures import random_transcoder
 from tests.wandb_offline import history_rows
-from tests.distributed_workers import attribute_rank, dataset, job_config, spawn_ranks
+from tests.distributed_workers import attribute_rank, dataset, job_config, spawn_ranks, tiny_clt_train_argv
 
 REPO = Path(__file__).resolve().parents[1]
 STORE_BATCH_PROMPTS = 4  # 4 x 32 tokens: one LLM batch is one rank's share of the 256-token global batch
@@ -219,13 +219,8 @@ def test_layer_sharding_refuses_what_it_cannot_split(root: Path) -> None:
     with pytest.raises(ValueError, match=r"set has 2 layer\(s\) for 3 ranks; train on at most 2 ranks"):
         check_enough_layers(World(rank=0, size=3), n_layers=2)
     # The command line's flag reaches the runner (the same refusal in one process).
-    clt = [
-        "train", "--architecture", "clt", "--mlp_layers", "all", "--d_in", "128", "--d_sae", "96", "--normalize_activations", "none",
-        "--model_name", "tiny-gpt2", "--dataset_path", "embedded", "--is_dataset_tokenized", "False", "--streaming", "False",
-        "--context_size", "64", "--log_to_wandb", "False", "--distributed-layers", "shard",
-    ]
     with pytest.raises(SystemExit, match="train: distributed_layers='shard' cannot split a cross-layer transcoder"):
-        main(clt)
+        main([*tiny_clt_train_argv(root / "cli-out"), "--distributed-layers", "shard"])
 
 
 def test_a_two_rank_cross_layer_transcoder_trains_as_one_process_does(root: Path) -> None:

@@ -16,7 +16,7 @@ from sae_lens_transcoder.saes.clt import JumpReLUCLTConfig
 from sae_lens_transcoder.saes.clt_files import load_clt
 from sae_lens_transcoder.training.checkpoint_view import CHECKPOINT_COMPLETE_FILENAME
 from tests.conftest import build_model
-from tests.distributed_workers import dataset, job_config, spawn_ranks
+from tests.distributed_workers import dataset, job_config, spawn_ranks, tiny_clt_train_argv
 from tests.feature_shard_workers import N_LAYERS, run_feature_sharded_rank
 from tests.test_distributed import _checkpoints, _train_single
 
@@ -155,13 +155,8 @@ def test_feature_sharding_refuses_what_it_cannot_split(root: Path, relu_run: tup
     assert isinstance(clt_cfg, JumpReLUCLTConfig)
     check_feature_sharding(World(rank=0, size=2), clt_cfg)  # what the tests above train
     # The command line's flag reaches the runner (the one-process refusal).
-    argv = [
-        "train", "--architecture", "clt", "--mlp_layers", "all", "--d_in", "128", "--d_sae", "96", "--normalize_activations", "none",
-        "--model_name", "tiny-gpt2", "--dataset_path", "embedded", "--is_dataset_tokenized", "False", "--streaming", "False",
-        "--context_size", "64", "--log_to_wandb", "False", "--distributed-layers", "shard_features",
-    ]
     with pytest.raises(SystemExit, match="train: distributed_layers='shard_features' .* this process is alone"):
-        main(argv)
+        main([*tiny_clt_train_argv(root / "cli-out"), "--distributed-layers", "shard_features"])
     # A 2-rank feature-sharded checkpoint resumes on 2 ranks only.
     checkpoint = _checkpoints(root, "relu")[0]
     runner = TranscoderTrainingRunner(
