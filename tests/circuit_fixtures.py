@@ -1,5 +1,8 @@
 """Transcoders with random, non-trivial weights for the circuit tests."""
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
 from sae_lens.saes.sae import SAE, SAEMetadata
 from sae_lens.saes.transcoder import (
@@ -50,3 +53,15 @@ def random_transcoder(
         for name, param in tc.named_parameters():
             param.copy_(0.3 * torch.randn_like(param) if name != "threshold" else 0.05 * torch.rand_like(param))
     return tc
+
+
+def save_random_transcoders(model: HookedTransformer, folder: Path, layers: Sequence[int]) -> list[str]:
+    """A random ``ln2.hook_normalized`` transcoder per layer, saved for the CLI as ``folder/layer<i>``
+    (metadata naming the model); their directories."""
+    dirs = []
+    for layer in layers:
+        tc = random_transcoder(model, layer, hook="ln2.hook_normalized")
+        tc.cfg.metadata.model_name = model.cfg.model_name
+        tc.save_model(folder / f"layer{layer}")
+        dirs.append(str(folder / f"layer{layer}"))
+    return dirs

@@ -10,8 +10,9 @@ import signal
 import socket
 import sys
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,20 @@ def record_writes(under: Path) -> list[str]:
     return seen
 
 
+@contextmanager
+def errors_recorded(results: Path, rank: int) -> Iterator[None]:
+    """Run a rank's work: an error is written to ``results/rank<r>.error`` (for the test to read)
+    and raised; the process group ends either way."""
+    try:
+        yield
+    except BaseException as error:
+        (results / f"rank{rank}.error").write_text(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def run_rank(rank: int, world_size: int, port: int, job: dict[str, Any], results: str) -> None:
     """Train ``job`` as ``rank``; write the transcoder's state (or the error) under ``results``."""
     # The fork server's environment is the one it started with: a job's own variables go here.
@@ -133,7 +148,7 @@ def run_rank(rank: int, world_size: int, port: int, job: dict[str, Any], results
     out = Path(results)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
     writes = record_writes(Path(job["root"]) / job["name"]) if rank > 0 else []
-    try:
+    with errors_recorded(out, rank):
         cfg = job_config(Path(job["root"]), job["name"], **job.get("overrides", {}))
         sae, saes = None, None
         if rank == job.get("kill_rank"):
@@ -165,12 +180,6 @@ def run_rank(rank: int, world_size: int, port: int, job: dict[str, Any], results
             },
             out / f"rank{rank}.pt",
         )
-    except BaseException as error:
-        (out / f"rank{rank}.error").write_text(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def attribute_rank(rank: int, world_size: int, port: int, job: dict[str, Any], results: str) -> None:
@@ -178,13 +187,8 @@ def attribute_rank(rank: int, world_size: int, port: int, job: dict[str, Any], r
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
-    try:
+    with errors_recorded(Path(results), rank):
         main(job["argv"])
-    except BaseException as error:
-        (Path(results) / f"rank{rank}.error").write_text(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def spawn_ranks(

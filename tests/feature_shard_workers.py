@@ -7,7 +7,6 @@ workers' helpers).
 import copy
 import datetime
 import os
-import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from sae_lens.util import temporary_seed
 from sae_lens_transcoder import TranscoderTrainingRunner
 from sae_lens_transcoder.saes.clt import TrainingCrossLayerTranscoder
 from tests.conftest import build_model
-from tests.distributed_workers import KillsAtStep, dataset, job_config
+from tests.distributed_workers import KillsAtStep, dataset, errors_recorded, job_config
 
 N_LAYERS = 2
 
@@ -42,7 +41,7 @@ def run_feature_sharded_rank(rank: int, world_size: int, port: int, job: dict[st
     torch.set_num_threads(1)
     out = Path(results)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
-    try:
+    with errors_recorded(out, rank):
         cfg = job_config(Path(job["root"]), job["name"], **job.get("overrides", {}))
         runner = TranscoderTrainingRunner(
             cfg,
@@ -66,9 +65,3 @@ def run_feature_sharded_rank(rank: int, world_size: int, port: int, job: dict[st
             },
             out / f"rank{rank}.pt",
         )
-    except BaseException as error:
-        (out / f"rank{rank}.error").write_text(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -27,7 +27,7 @@ from sae_lens_transcoder.replacement.saving import layer_dir
 from sae_lens_transcoder.training.checkpoint_view import CHECKPOINT_COMPLETE_FILENAME
 from tests.conftest import build_model
 from sae_lens_transcoder.models import load_model
-from tests.circuit_fixtures import random_transcoder
+from tests.circuit_fixtures import save_random_transcoders
 from tests.wandb_offline import history_rows
 from tests.distributed_workers import attribute_rank, dataset, job_config, spawn_ranks, tiny_clt_train_argv
 
@@ -408,12 +408,7 @@ PROMPTS = ["To be, or not to be, that is the", "The cat sat on the", "One, two, 
 
 def test_two_ranks_attribute_a_prompts_file_as_one_process_does(tmp_path: Path) -> None:
     model = load_model("tiny-gpt2")
-    transcoders = []
-    for layer in range(model.cfg.n_layers):
-        tc = random_transcoder(model, layer, hook="ln2.hook_normalized")
-        tc.cfg.metadata.model_name = "tiny-gpt2"
-        tc.save_model(tmp_path / f"layer{layer}")
-        transcoders.append(str(tmp_path / f"layer{layer}"))
+    transcoders = save_random_transcoders(model, tmp_path, range(model.cfg.n_layers))
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     argv = ["attribute", "--transcoders", *transcoders, "--prompts-file", str(tmp_path / "prompts.txt"), "--max-expansions", "12"]
     codes = spawn_ranks({"argv": argv + ["--out", str(tmp_path / "two")]}, tmp_path / "two-results", target=attribute_rank)
@@ -442,11 +437,8 @@ def test_one_prompt_under_torchrun_is_rank_0s_work(tmp_path: Path, monkeypatch: 
     nothing (rank 0 writes the graph); under rank 0's variables it attributes as alone."""
     from sae_lens_transcoder.circuits.command import attribute
 
-    model = load_model("tiny-gpt2")
-    tc = random_transcoder(model, 1, hook="ln2.hook_normalized")
-    tc.cfg.metadata.model_name = "tiny-gpt2"
-    tc.save_model(tmp_path / "layer1")
-    argv = ["attribute", "--transcoders", str(tmp_path / "layer1"), "--prompt", PROMPTS[1], "--max-expansions", "4"]
+    (transcoder,) = save_random_transcoders(load_model("tiny-gpt2"), tmp_path, [1])
+    argv = ["attribute", "--transcoders", transcoder, "--prompt", PROMPTS[1], "--max-expansions", "4"]
     for name, value in {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999", "RANK": "1"}.items():
         monkeypatch.setenv(name, value)
     assert attribute(argv[1:] + ["--out", str(tmp_path / "rank1")]) == {"rank": 1}

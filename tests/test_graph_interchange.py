@@ -27,7 +27,7 @@ from sae_lens_transcoder.export.circuit_tracer import export_circuit_tracer
 from sae_lens_transcoder.features.paths import cantor_pair
 from sae_lens_transcoder.features.paths import feature_file_relpath, scan_for_layer
 from sae_lens_transcoder.models import load_model
-from tests.circuit_fixtures import random_transcoder
+from tests.circuit_fixtures import random_transcoder, save_random_transcoders
 from tests.test_circuits_outputs import check_consistent, validate
 
 FIXTURE = Path(__file__).with_name("fixtures") / "circuit_tracer_graph.json"
@@ -156,12 +156,7 @@ def test_folding_leaves_only_circuit_tracer_kinds_and_every_total(tiny_trace: tu
 
 def test_portable_ids_never_name_a_local_path(tmp_path: Path) -> None:
     model = load_model("tiny-gpt2")
-    dirs = []
-    for layer in range(model.cfg.n_layers):
-        tc = random_transcoder(model, layer, hook="ln2.hook_normalized")
-        tc.cfg.metadata.model_name = "tiny-gpt2"
-        tc.save_model(tmp_path / f"layer{layer}")
-        dirs.append(str(tmp_path / f"layer{layer}"))
+    dirs = save_random_transcoders(model, tmp_path, range(model.cfg.n_layers))
     assert transcoder_id(dirs[0]) == "local/layer0" and transcoder_id("gemma-scope-2b-pt-transcoders/layer_3") == "gemma-scope-2b-pt-transcoders/layer_3"
     ct_set = export_circuit_tracer([random_transcoder(model, layer) for layer in range(2)], tmp_path / "ct", "tiny-gpt2", scan="tiny/my-set")
     assert transcoder_id(str(ct_set)) == "tiny/my-set"
