@@ -514,3 +514,24 @@ def test_batchtopk_keeps_k_per_token_on_average_and_tracks_each_layers_cut() -> 
     assert ((acts > 0).sum(dim=(0, 2)) == 8 * 32).all()  # k * batch per layer
     kept_min = torch.stack([acts[:, i][acts[:, i] > 0].min() for i in range(clt.n_layers)])
     torch.testing.assert_close(clt.topk_threshold, kept_min)  # the first batch sets the cut
+
+
+def test_mean_attribution_through_clt_features_is_the_average_of_prompt_attributions() -> None:
+    """Layer 0's CLT features into a layer-2 feature, averaged over the tokens where it fires:
+    the mean of the exact per-prompt direct contributions (same token, through the residual)."""
+    from sae_lens_transcoder.circuits.mean import mean_feature_attributions
+
+    model = _model("llama3")
+    replacement = clt_replacement(random_clt(model))
+    tokens = torch.randint(1, D_VOCAB, (3, 10), generator=torch.Generator().manual_seed(2))
+    feature = 4
+    mean, count = mean_feature_attributions(model, replacement, replacement, feature, tokens, batch_size=2, upstream_layer=0, downstream_layer=2)
+    expected, seen = torch.zeros_like(mean), 0
+    for row in tokens:
+        trace = trace_prompt(model, replacement, row)
+        for pos in range(row.shape[0]):
+            if trace.feature_acts[2][pos, feature] > 0:
+                expected += direct_contributions(trace, feature_target(trace, 2, feature, pos)).features[0].detach()
+                seen += 1
+    assert count == seen > 0
+    torch.testing.assert_close(mean, expected / seen, rtol=1e-4, atol=1e-5)
