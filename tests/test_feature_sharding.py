@@ -194,3 +194,17 @@ def test_the_mode_is_a_config_field_in_python_yaml_and_flags(tmp_path: Path) -> 
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit, match=r"sae.distributed_layers must be one of replicate, shard, shard_features; got 'shard_all'"):
         main(["train", "--config", str(path)])
+
+
+def test_a_whole_clt_checkpoint_is_refused_by_a_feature_sharded_run(root: Path) -> None:
+    """A data-parallel checkpoint of 2 ranks holds the whole CLT, not the ranks' shares:
+    resuming it feature sharded is refused on every rank, naming what would resume it."""
+    codes = spawn_ranks({"root": str(root), "name": "replicated", "overrides": {"sae": CLT}}, root / "replicated-results")
+    assert codes == [0, 0]
+    checkpoint = _checkpoints(root, "replicated")[0]
+    restart = {"sae": CLT, "resume_from_checkpoint": str(checkpoint), "checkpoint_path": str(root / "whole-resumed" / "ckpt")}
+    codes, results = _spawn(root, "whole-resumed", overrides=restart)
+    assert codes == [1, 1]
+    for rank in (0, 1):
+        error = (results / f"rank{rank}.error").read_text()
+        assert "holds the whole CLT (clt/)" in error and "distributed_layers='replicate'" in error, error
