@@ -37,7 +37,7 @@ def dying_clt(cfg: LanguageModelSAERunnerConfig[Any]) -> KillAtCLT:
 
 def run_feature_sharded_rank(rank: int, world_size: int, port: int, job: dict[str, Any], results: str) -> None:
     """Train ``job`` feature sharded as ``rank``; write its share, counters and (rank 0) the whole CLT."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **job.get("env", {}))
     torch.set_num_threads(1)
     out = Path(results)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))

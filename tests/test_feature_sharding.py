@@ -208,3 +208,24 @@ def test_a_whole_clt_checkpoint_is_refused_by_a_feature_sharded_run(root: Path) 
     for rank in (0, 1):
         error = (results / f"rank{rank}.error").read_text()
         assert "holds the whole CLT (clt/)" in error and "distributed_layers='replicate'" in error, error
+
+
+def test_rank_0_logs_the_whole_clts_metrics(root: Path) -> None:
+    """wandb (offline) holds one run, rank 0's, whose L0 is the whole CLT's (TopK: up to k per
+    layer, summed over the shards) and whose sparsity windows are logged on schedule."""
+    from sae_lens import LoggingConfig
+
+    from tests.wandb_offline import history_rows
+
+    logger = LoggingConfig(log_to_wandb=True, wandb_project="sae-lens-transcoder-test", wandb_log_frequency=5)
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(root / "fs-wandb"), "WANDB_SILENT": "true"}
+    (root / "fs-wandb").mkdir()
+    overrides = {"sae": TOPK_CLT, "logger": logger, "n_checkpoints": 0}
+    codes, results = _spawn(root, "fs-wandb", overrides=overrides, env=env)
+    assert codes == [0, 0], [p.read_text() for p in results.glob("*.error")]
+    (run_file,) = (root / "fs-wandb").glob("wandb/offline-run-*/run-*.wandb")
+    rows = history_rows(run_file)
+    l0 = [r["clt/metrics/l0"] for r in rows if "clt/metrics/l0" in r]
+    # At most k per layer (a top code at or below 0 is no code); one shard's own count would be about half.
+    assert len(l0) == 8 and all(8 * N_LAYERS / 2 < value <= 8 * N_LAYERS for value in l0) and l0.count(8 * N_LAYERS) >= 6
+    assert [r["_step"] for r in rows if "clt/metrics/mean_log10_feature_sparsity" in r] == [7, 14, 21, 28, 35]
