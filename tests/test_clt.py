@@ -405,19 +405,22 @@ def test_a_trace_holds_views_of_the_clts_weights_not_copies() -> None:
 
 
 def test_decoding_only_the_active_rows_equals_the_dense_decode() -> None:
-    """A CLT reconstructs from the decoder rows of features active somewhere in the batch; that
-    is the dense sum of every source's codes times its decoder."""
+    """A CLT reconstructs from the decoder rows of features active somewhere in the batch when
+    few are (else from the whole decoder); either is the dense sum of codes times decoder."""
     from sae_lens_transcoder.replacement.base import ReplacementSet
 
     model = _model("llama3")
     replacement = clt_replacement(random_clt(model, "topk_clt"))
-    x = {layer: torch.randn(2, 5, D_MODEL, generator=torch.Generator().manual_seed(layer)) for layer in range(3)}
-    with torch.no_grad():
-        acts = {layer: replacement.encode(layer, x[layer]) for layer in range(3)}
-        for layer in range(3):
-            dense = ReplacementSet.decode(replacement, layer, acts)
-            torch.testing.assert_close(replacement.decode(layer, acts), dense, rtol=1e-6, atol=1e-6)
-    assert all(bool((a == 0).any()) for a in acts.values())  # TopK: most codes are zero
+    # One token: at most k = 8 of 48 features live, so the rows are gathered; 40 tokens: most are, so not.
+    for shape, few_live in (((1,), True), ((8, 5), False)):
+        x = {layer: torch.randn(*shape, D_MODEL, generator=torch.Generator().manual_seed(layer)) for layer in range(3)}
+        with torch.no_grad():
+            acts = {layer: replacement.encode(layer, x[layer]) for layer in range(3)}
+            for layer in range(3):
+                dense = ReplacementSet.decode(replacement, layer, acts)
+                torch.testing.assert_close(replacement.decode(layer, acts), dense, rtol=1e-6, atol=1e-6)
+        live = [int(a.reshape(-1, D_SAE).ne(0).any(0).sum()) for a in acts.values()]
+        assert all((2 * n <= D_SAE) == few_live for n in live), live
 
 
 def test_dashboard_of_a_clt_feature_lists_its_writes_and_reads_their_sum(tmp_path: Path) -> None:

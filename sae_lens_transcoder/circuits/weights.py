@@ -91,8 +91,8 @@ def feature_connections(
 ) -> torch.Tensor:
     """``W_dec' · f_enc``: every upstream feature's connection to ``feature`` through the residual
     (for a cross-layer transcoder, its writes into the layers below ``feature``'s)."""
-    down = at_layer(downstream, downstream_layer)[1]
-    direction = encoder_direction(model, downstream, feature, down)
+    down_set, down = at_layer(downstream, downstream_layer)
+    direction = encoder_direction(model, down_set, feature, down)
     return decoder_directions(upstream, upstream_layer, before=down) @ direction
 
 

@@ -85,14 +85,17 @@ class CrossLayerTranscoders(ReplacementSet):
 
     def decode(self, layer: int, acts: Mapping[int, torch.Tensor]) -> torch.Tensor:
         """The base class's sum, over the decoder rows of features active somewhere in ``acts``
-        only: a loaded CLT's decoders are memory-mapped files, and a trace then pages in the
-        rows of its active features rather than every decoder."""
+        only when few are: a loaded CLT's decoders are memory-mapped files, and a trace then
+        pages in the rows of its active features rather than every decoder. Where most
+        features fire (an evaluation batch), gathering the rows would only copy the decoder."""
         out = self.b_dec(layer)
         for source in self.sources(layer):
-            codes = acts[source]
+            codes, decoder = acts[source], self.decoder(source, layer)
             live = codes.reshape(-1, codes.shape[-1]).ne(0).any(0).nonzero().flatten()
-            rows = self.decoder(source, layer)[live]
-            out = out + codes[..., live].to(rows.dtype) @ rows
+            if 2 * len(live) > decoder.shape[0]:
+                out = out + codes.to(decoder.dtype) @ decoder
+            else:
+                out = out + codes[..., live].to(decoder.dtype) @ decoder[live]
         return out
 
     def skip(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
