@@ -285,6 +285,64 @@ def test_the_sparse_decode_equals_the_dense_one_in_forward_and_gradients(arch: s
         torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
+TOPK_FAMILY = [arch for arch in EXACT_SPARSE if "topk" in arch]
+
+
+@pytest.mark.parametrize("n_dead", [3, 200])
+@pytest.mark.parametrize("arch", TOPK_FAMILY)
+def test_sparse_encoder_gradient_and_auxk_equal_sae_lens_dense_step_at_real_sparsity(arch: str, n_dead: int) -> None:
+    """At d_sae 1024, k 8 the gradient reaching the pre-activations is ~1-2% dense, so the
+    encoder's CSR backward and the gathered AuxK run (3 dead: AuxK takes all of them, scale
+    3/6; 200 dead: the top 6 of them); ``decoder_impl: dense`` is SAELens's own step."""
+    sae_cls, cfg_cls = TRAINING_CLASSES[arch]
+    settings = {**SETTINGS[arch], "k": 8}
+    if "matryoshka" in arch:
+        settings["matryoshka_widths"] = [128, 1024]
+    x, y = torch.randn(256, 16), torch.randn(256, 12)
+    dead = torch.zeros(1024, dtype=torch.bool)
+    dead[torch.randperm(1024, generator=torch.Generator().manual_seed(0))[:n_dead]] = True
+    results = []
+    for impl in ("dense", "auto"):
+        torch.manual_seed(1)
+        sae = sae_cls(cfg_cls(d_in=16, d_sae=1024, d_out=12, decoder_impl=impl, **settings))
+        if sae.cfg.has_skip:
+            torch.nn.init.normal_(sae.W_skip, std=0.1)
+        out = _step(sae, x, y, dead)
+        assert out.losses["auxiliary_reconstruction_loss"] > 0
+        out.loss.backward()
+        results.append((out, {name: p.grad for name, p in sae.named_parameters()}))
+    (dense_out, dense_grads), (fast_out, fast_grads) = results
+    for name, loss in dense_out.losses.items():
+        torch.testing.assert_close(fast_out.losses[name], loss, rtol=1e-5, atol=1e-6, msg=name)
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("density", [0.01, 0.5])  # the CSR backward, and the dense one above the crossover
+@pytest.mark.parametrize("rescaled", [False, True])
+def test_preacts_with_sparse_grad_equal_autograd(density: float, rescaled: bool) -> None:
+    from sae_lens_transcoder.saes.sparse_encode import preacts_with_sparse_grad
+
+    torch.manual_seed(0)
+    x, W, b = torch.randn(64, 16), torch.randn(16, 512), torch.randn(512)
+    scale = torch.rand(512) + 0.5 if rescaled else None
+    grad = torch.randn(64, 512) * (torch.rand(64, 512) < density)
+    results = []
+    for fused in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, W, b)] + ([scale.clone().requires_grad_()] if rescaled else [])
+        scale_leaf = leaves[3] if rescaled else None
+        if fused:
+            out = preacts_with_sparse_grad(*leaves[:3], scale_leaf)
+        else:
+            out = leaves[0] @ leaves[1] + leaves[2]
+            out = out * scale_leaf if rescaled else out
+        out.backward(grad)
+        results.append((out.detach(), [leaf.grad for leaf in leaves]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for fused_grad, autograd_grad in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(fused_grad, autograd_grad, rtol=1e-5, atol=1e-5)
+
+
 def test_the_sparse_decode_is_refused_where_it_is_not_exact() -> None:
     with pytest.raises(ValueError, match="decoder_impl='sparse' is not exact for jumprelu_transcoder"):
         JumpReLUTrainingTranscoderConfig(d_in=16, d_sae=64, decoder_impl="sparse")

@@ -21,11 +21,37 @@ def densest_row(acts: torch.Tensor) -> int:
     return int((acts != 0).sum(dim=-1).max()) if acts.numel() else 0
 
 
+def decode_gathered(
+    indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor, rescale_by_decoder_norm: bool = False
+) -> torch.Tensor:
+    """``Σ_j values[b, j] · W_dec[indices[b, j]]`` for ``[batch, kmax]`` indices and values
+    (divided by the rows' norms first when rescaling, as SAELens's TopK decode)."""
+    if rescale_by_decoder_norm:
+        values = values / W_dec.norm(dim=-1)[indices]
+    return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+
+
 def sparse_decode(acts: torch.Tensor, W_dec: torch.Tensor, kmax: int, rescale_by_decoder_norm: bool = False) -> torch.Tensor:
     """``acts @ W_dec`` (with ``acts / ||W_dec||`` first when rescaling, as SAELens's TopK
     decode), for ``acts`` ``[batch, d_sae]`` with at most ``kmax`` non-zeros per row."""
     # Codes are non-negative in every architecture here, so the kmax largest hold all non-zeros.
     values, indices = acts.topk(max(kmax, 1), dim=-1, sorted=False)
-    if rescale_by_decoder_norm:
-        values = values / W_dec.norm(dim=-1)[indices]
-    return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+    return decode_gathered(indices, values, W_dec, rescale_by_decoder_norm)
+
+
+def sparse_topk_aux_loss(
+    residual: torch.Tensor,
+    hidden_pre: torch.Tensor,
+    dead_neuron_mask: torch.Tensor,
+    W_dec: torch.Tensor,
+    rescale_by_decoder_norm: bool = False,
+) -> torch.Tensor:
+    """SAELens's AuxK loss before its coefficient and scale: the ``d_out // 2`` largest
+    pre-activations of dead latents (at most all of them) reconstruct ``residual``. The
+    top-k runs over the dead columns only and they are decoded by gathering, where SAELens
+    takes the top-k over a ``[batch, d_sae]`` copy and decodes it with a dense matmul."""
+    dead = dead_neuron_mask.nonzero().squeeze(1)
+    k_aux = min(residual.shape[-1] // 2, dead.numel())
+    values, which = hidden_pre.index_select(-1, dead).topk(k_aux, dim=-1, sorted=False)
+    recons = decode_gathered(dead[which], values, W_dec, rescale_by_decoder_norm)
+    return (recons - residual).pow(2).sum(dim=-1).mean()
