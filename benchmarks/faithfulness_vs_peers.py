@@ -185,8 +185,12 @@ def sae_config(system: str, level: float, d_in: int, args: argparse.Namespace) -
 
 
 def runner_config(sae: Any, args: argparse.Namespace, hook_name: str) -> LanguageModelSAERunnerConfig[Any]:
-    """pareto_vs_sae.py's runner config, for every runner-trained system."""
+    """pareto_vs_sae.py's runner config, for every runner-trained system, with the README's
+    recipe: linear lr decay over the last fifth of the steps, and a dead-feature window of an
+    eighth of them (SAELens's 1000 steps is longer than these runs, so AuxK would never act)."""
+    steps = args.tokens // args.batch
     return LanguageModelSAERunnerConfig(
+        lr_decay_steps=steps // 5, dead_feature_window=max(1, steps // 8),
         sae=sae, model_name=MODEL, hook_name=hook_name, dataset_path="embedded",
         is_dataset_tokenized=False, streaming=False, context_size=CONTEXT, prepend_bos=True,
         exclude_special_tokens=True, training_tokens=args.tokens, train_batch_size_tokens=args.batch,
