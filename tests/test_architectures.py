@@ -318,6 +318,16 @@ def test_sparse_encoder_gradient_and_auxk_equal_sae_lens_dense_step_at_real_spar
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("arch", ["topk_transcoder", "batchtopk_skip_transcoder"])
+def test_a_topk_family_step_trains_under_bf16_autocast(arch: str) -> None:
+    sae_cls, cfg_cls = TRAINING_CLASSES[arch]
+    sae = sae_cls(cfg_cls(d_in=16, d_sae=1024, d_out=12, **{**SETTINGS[arch], "k": 8}))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _step(sae, torch.randn(64, 16), torch.randn(64, 12), torch.arange(1024) < 3)
+    out.loss.backward()
+    assert sae.W_enc.grad is not None and torch.isfinite(sae.W_enc.grad).all() and sae.W_enc.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("density", [0.01, 0.5])  # the CSR backward, and the dense one above the crossover
 @pytest.mark.parametrize("rescaled", [False, True])
 def test_preacts_with_sparse_grad_equal_autograd(density: float, rescaled: bool) -> None:

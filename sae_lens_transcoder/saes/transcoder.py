@@ -124,8 +124,8 @@ class _SparseGradTopKEncode:
     """TopKTrainingSAE's ``encode_with_hidden_pre`` (TopK, BatchTopK and Matryoshka share it)
     with its matmul, bias and decoder-norm rescale as one op whose backward reads only the
     non-zero gradients (``sparse_encode``): SAELens has no seam for the encoder matmul.
-    ``decoder_impl: dense`` and hooks on ``hook_sae_acts_pre`` (which sees the pre-activations
-    before the rescale) keep SAELens's own encode."""
+    ``decoder_impl: dense``, hooks on ``hook_sae_acts_pre`` (which sees the pre-activations
+    before the rescale), autocast and half precision keep SAELens's own encode."""
 
     cfg: TopKTrainingSAEConfig
     W_enc: torch.nn.Parameter
@@ -134,7 +134,8 @@ class _SparseGradTopKEncode:
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hooked = bool(self.hook_sae_acts_pre._forward_hooks)  # type: ignore[attr-defined]
-        if self.cfg.decoder_impl == "dense" or hooked or x.ndim != 2:  # type: ignore[attr-defined]
+        full_precision = self.W_enc.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)
+        if self.cfg.decoder_impl == "dense" or hooked or x.ndim != 2 or not full_precision:  # type: ignore[attr-defined]
             return super().encode_with_hidden_pre(x)  # type: ignore[misc,no-any-return]
         sae_in = self.process_sae_in(x)  # type: ignore[attr-defined]
         scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
