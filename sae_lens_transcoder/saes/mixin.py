@@ -33,12 +33,7 @@ from typing_extensions import override
 
 from sae_lens_transcoder.distributed.layers import LAYER_MODES, LayerMode
 from sae_lens_transcoder.distributed.replicas import mean_across_replicas
-from sae_lens_transcoder.saes.sparse_decode import (
-    SPARSE_DECODE_MAX_DENSITY,
-    densest_row,
-    sparse_decode,
-    sparse_topk_aux_loss,
-)
+from sae_lens_transcoder.saes.sparse_decode import SPARSE_DECODE_MAX_DENSITY, densest_row, sparse_decode
 from sae_lens_transcoder.training.checkpoint_view import training_weights_file
 
 SUPPORTED_NORMALIZATIONS = ("none", "expected_average_only_in")
@@ -262,27 +257,6 @@ class TranscoderMixin:
         out = self.hook_sae_recons(out)  # type: ignore[attr-defined]
         out = self.run_time_activation_norm_fn_out(out)  # type: ignore[attr-defined]
         return self.reshape_fn_out(out, self.d_head)  # type: ignore[attr-defined]
-
-    def calculate_topk_aux_loss(
-        self,
-        sae_in: torch.Tensor,
-        sae_out: torch.Tensor,
-        hidden_pre: torch.Tensor,
-        dead_neuron_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """SAELens's AuxK loss (TopK and BatchTopK call it), its dead latents decoded sparsely.
-
-        SAELens decodes the top ``d_out // 2`` dead latents of every token with a dense
-        ``[batch, d_sae]`` matmul and its backward, which cost as much as the rest of a TopK
-        step; gathered, they cost a few percent. ``sae_in`` is the target (the mixin's step input)."""
-        dense = self.cfg.decoder_impl == "dense" or hidden_pre.ndim != 2
-        if dense or dead_neuron_mask is None or (num_dead := int(dead_neuron_mask.sum())) == 0:
-            return super().calculate_topk_aux_loss(sae_in, sae_out, hidden_pre, dead_neuron_mask)  # type: ignore[misc]
-        scale = min(num_dead / (sae_in.shape[-1] // 2), 1.0)
-        residual = (sae_in - sae_out).detach()
-        rescale = bool(getattr(self.cfg, "rescale_acts_by_decoder_norm", False))
-        loss = sparse_topk_aux_loss(residual, hidden_pre, dead_neuron_mask, self.W_dec, rescale)
-        return self.cfg.aux_loss_coefficient * scale * loss  # type: ignore[attr-defined]
 
     def _sparse_decode_width(self, feature_acts: torch.Tensor) -> int | None:
         """``kmax`` when the sparse decode should run on ``feature_acts``, else None."""

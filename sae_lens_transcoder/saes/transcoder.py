@@ -42,7 +42,7 @@ from typing_extensions import override
 
 from sae_lens_transcoder.distributed.replicas import min_across_replicas
 from sae_lens_transcoder.saes.mixin import TranscoderConfigMixin, TranscoderMixin, TranscoderTrainingCore
-from sae_lens_transcoder.saes.sparse_encode import preacts_with_sparse_grad
+from sae_lens_transcoder.saes.sparse_topk_step import SparseTopKStep
 from sae_lens_transcoder.saes.topk_transcoder import TOPK_SKIP_TRANSCODER, TOPK_TRANSCODER
 
 __all__ = ["TRAINING_CLASSES", "TrainingTranscoder", "TrainingTranscoderConfig"]
@@ -120,29 +120,6 @@ class JumpReLUSkipTrainingTranscoder(JumpReLUTrainingTranscoder):
 # ---------------------------------------------------------------------------- TopK
 
 
-class _SparseGradTopKEncode:
-    """TopKTrainingSAE's ``encode_with_hidden_pre`` (TopK, BatchTopK and Matryoshka share it)
-    with its matmul, bias and decoder-norm rescale as one op whose backward reads only the
-    non-zero gradients (``sparse_encode``): SAELens has no seam for the encoder matmul.
-    ``decoder_impl: dense``, hooks on ``hook_sae_acts_pre`` (which sees the pre-activations
-    before the rescale), autocast and half precision keep SAELens's own encode."""
-
-    cfg: TopKTrainingSAEConfig
-    W_enc: torch.nn.Parameter
-    W_dec: torch.nn.Parameter
-    b_enc: torch.nn.Parameter
-
-    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hooked = bool(self.hook_sae_acts_pre._forward_hooks)  # type: ignore[attr-defined]
-        full_precision = self.W_enc.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)
-        if self.cfg.decoder_impl == "dense" or hooked or x.ndim != 2 or not full_precision:  # type: ignore[attr-defined]
-            return super().encode_with_hidden_pre(x)  # type: ignore[misc,no-any-return]
-        sae_in = self.process_sae_in(x)  # type: ignore[attr-defined]
-        scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
-        hidden_pre = preacts_with_sparse_grad(sae_in, self.W_enc, self.b_enc, scale)
-        return self.hook_sae_acts_post(self.activation_fn(hidden_pre)), hidden_pre  # type: ignore[attr-defined]
-
-
 @dataclass
 class TopKTrainingTranscoderConfig(TranscoderConfigMixin, TopKTrainingSAEConfig):
     inference_architecture = TOPK_TRANSCODER
@@ -153,7 +130,7 @@ class TopKTrainingTranscoderConfig(TranscoderConfigMixin, TopKTrainingSAEConfig)
         return "topk_transcoder"
 
 
-class TopKTrainingTranscoder(TranscoderMixin, _SparseGradTopKEncode, TopKTrainingSAE, TranscoderTrainingCore):  # type: ignore[misc]
+class TopKTrainingTranscoder(TranscoderMixin, SparseTopKStep, TopKTrainingSAE, TranscoderTrainingCore):  # type: ignore[misc]
     cfg: TopKTrainingTranscoderConfig  # type: ignore[assignment]
 
 
@@ -206,7 +183,7 @@ class BatchTopKTrainingTranscoderConfig(TranscoderConfigMixin, BatchTopKTraining
 
 
 class BatchTopKTrainingTranscoder(  # type: ignore[misc]
-    TranscoderMixin, _ThresholdFromFirstBatch, _SparseGradTopKEncode, BatchTopKTrainingSAE, TranscoderTrainingCore
+    TranscoderMixin, _ThresholdFromFirstBatch, SparseTopKStep, BatchTopKTrainingSAE, TranscoderTrainingCore
 ):
     cfg: BatchTopKTrainingTranscoderConfig  # type: ignore[assignment]
 
@@ -240,7 +217,7 @@ class MatryoshkaBatchTopKTrainingTranscoderConfig(TranscoderConfigMixin, Matryos
 
 
 class MatryoshkaBatchTopKTrainingTranscoder(  # type: ignore[misc]
-    TranscoderMixin, _ThresholdFromFirstBatch, _SparseGradTopKEncode, MatryoshkaBatchTopKTrainingSAE, TranscoderTrainingCore
+    TranscoderMixin, _ThresholdFromFirstBatch, SparseTopKStep, MatryoshkaBatchTopKTrainingSAE, TranscoderTrainingCore
 ):
     cfg: MatryoshkaBatchTopKTrainingTranscoderConfig  # type: ignore[assignment]
 

@@ -1,0 +1,56 @@
+"""The TopK family's training step (TopK, BatchTopK, Matryoshka) with its dense parts made sparse.
+
+Two pieces of SAELens's ``TopKTrainingSAE`` step cost as much as the rest of it while touching
+only a few percent of the features: AuxK decodes the dead latents with a dense ``[batch, d_sae]``
+matmul, and the encoder's backward computes ``dL/dW_enc`` densely although only the kept and
+AuxK codes carry a gradient. This mixin sits before the SAELens class in a transcoder's MRO and
+replaces both with equal computations (tests: losses and gradients 1e-5): the gathered AuxK
+(``sparse_decode.sparse_topk_aux_loss``) and the CSR backward (``sparse_encode``).
+``decoder_impl: dense`` keeps SAELens's own step.
+"""
+
+import torch
+from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
+
+from sae_lens_transcoder.saes.sparse_decode import sparse_topk_aux_loss
+from sae_lens_transcoder.saes.sparse_encode import preacts_with_sparse_grad
+
+
+class SparseTopKStep:
+    """``encode_with_hidden_pre`` and ``calculate_topk_aux_loss`` of ``TopKTrainingSAE``, sparse."""
+
+    cfg: TopKTrainingSAEConfig
+    W_enc: torch.nn.Parameter
+    W_dec: torch.nn.Parameter
+    b_enc: torch.nn.Parameter
+
+    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAELens's TopK encode, its matmul, bias and decoder-norm rescale as one op whose backward
+        reads only the non-zero gradients: SAELens has no seam for the encoder matmul. Hooks on
+        ``hook_sae_acts_pre`` (which sees the pre-activations before the rescale), autocast and
+        half precision keep SAELens's own encode."""
+        hooked = bool(self.hook_sae_acts_pre._forward_hooks)  # type: ignore[attr-defined]
+        full_precision = self.W_enc.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)
+        if self.cfg.decoder_impl == "dense" or hooked or x.ndim != 2 or not full_precision:  # type: ignore[attr-defined]
+            return super().encode_with_hidden_pre(x)  # type: ignore[misc,no-any-return]
+        sae_in = self.process_sae_in(x)  # type: ignore[attr-defined]
+        scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+        hidden_pre = preacts_with_sparse_grad(sae_in, self.W_enc, self.b_enc, scale)
+        return self.hook_sae_acts_post(self.activation_fn(hidden_pre)), hidden_pre  # type: ignore[attr-defined]
+
+    def calculate_topk_aux_loss(
+        self,
+        sae_in: torch.Tensor,
+        sae_out: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        dead_neuron_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """SAELens's AuxK loss with the dead latents decoded by gathering; ``sae_in`` is the
+        transcoder's target (the mixin's step input), so AuxK reconstructs the target's residual."""
+        dense = self.cfg.decoder_impl == "dense" or hidden_pre.ndim != 2  # type: ignore[attr-defined]
+        if dense or dead_neuron_mask is None or (num_dead := int(dead_neuron_mask.sum())) == 0:
+            return super().calculate_topk_aux_loss(sae_in, sae_out, hidden_pre, dead_neuron_mask)  # type: ignore[misc,no-any-return]
+        scale = min(num_dead / (sae_in.shape[-1] // 2), 1.0)
+        residual = (sae_in - sae_out).detach()
+        loss = sparse_topk_aux_loss(residual, hidden_pre, dead_neuron_mask, self.W_dec, self.cfg.rescale_acts_by_decoder_norm)
+        return self.cfg.aux_loss_coefficient * scale * loss
