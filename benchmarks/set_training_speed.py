@@ -7,7 +7,8 @@ forward pass); and, in the same process, the roofline is measured:
 Every measurement runs in its own process (so its peak RSS is its own); the model load is
 not timed. Targets: set >= 0.9x its roofline, and >= 3x faster than 8 separate runs at N = 8.
 
-    python benchmarks/set_training_speed.py --model smollm2-135m --d-sae 2304 --tokens 16384 --n 1 4 8
+    python benchmarks/set_training_speed.py --model smollm2-135m --d-sae 2304 --tokens 16384 --n 1 4 8 \
+        [--architecture topk_transcoder]
 """
 
 import argparse
@@ -20,17 +21,24 @@ from typing import Any
 
 import torch
 from sae_lens import LanguageModelSAERunnerConfig
+from sae_lens.registry import get_sae_training_class
 from train_speed import _runner_config as train_speed_config  # the same runner settings
 
-from sae_lens_transcoder import TrainingTranscoderConfig, TranscoderTrainingRunner
+from sae_lens_transcoder import TranscoderTrainingRunner
 from sae_lens_transcoder.data import load_text_split
 from sae_lens_transcoder.llm_transcoder_training_runner import SAE_LENS_DEFAULT_HOOK
 from sae_lens_transcoder.models import load_model
 from sae_lens_transcoder.training.trainer import TranscoderTrainer
 
 
+# Each architecture's sparsity setting: the L1 transcoder's main-job coefficient, TopK's k of
+# the faithfulness benchmark's speed comparison.
+SPARSITY: dict[str, dict[str, Any]] = {"transcoder": {"l1_coefficient": 1.7}, "topk_transcoder": {"k": 32}}
+
+
 def _config(args: argparse.Namespace, d_model: int, **sae: Any) -> LanguageModelSAERunnerConfig[Any]:
-    sae_cfg = TrainingTranscoderConfig(d_in=d_model, d_sae=args.d_sae, l1_coefficient=1.7, **sae)
+    _, config_class = get_sae_training_class(args.architecture)
+    sae_cfg = config_class(d_in=d_model, d_sae=args.d_sae, **SPARSITY[args.architecture], **sae)
     return train_speed_config(sae_cfg, args, SAE_LENS_DEFAULT_HOOK)
 
 
@@ -88,6 +96,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--cache-dir", default=".cache/models")
     parser.add_argument("--d-sae", type=int, default=2304)
+    parser.add_argument("--architecture", choices=list(SPARSITY), default="transcoder")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--context", type=int, default=128)
@@ -114,7 +123,7 @@ def main() -> None:
               f"separate {row['separate']['tokens_per_s']:.0f} tok/s ({row['separate']['peak_rss_mib']:.0f} MiB), "
               f"roofline {row['roofline']['tokens_per_s']:.0f} tok/s; set/roofline {row['set_vs_roofline']:.2f} "
               f"(target >= 0.9), set/separate {row['set_vs_separate']:.2f}", flush=True)
-    print(f"model {args.model}, d_sae {args.d_sae}, batch {args.batch}, {args.tokens} tokens per run, "
+    print(f"model {args.model}, {args.architecture} {SPARSITY[args.architecture]}, d_sae {args.d_sae}, batch {args.batch}, {args.tokens} tokens per run, "
           f"torch threads {torch.get_num_threads()}")
     if args.json:
         with open(args.json, "w") as f:

@@ -288,12 +288,14 @@ def test_the_sparse_decode_equals_the_dense_one_in_forward_and_gradients(arch: s
 TOPK_FAMILY = [arch for arch in EXACT_SPARSE if "topk" in arch]
 
 
-@pytest.mark.parametrize("n_dead", [3, 200])
+@pytest.mark.parametrize("n_dead", [3, 20, 200])
 @pytest.mark.parametrize("arch", TOPK_FAMILY)
 def test_sparse_encoder_gradient_and_auxk_equal_sae_lens_dense_step_at_real_sparsity(arch: str, n_dead: int) -> None:
     """At d_sae 1024, k 8 the gradient reaching the pre-activations is ~1-2% dense, so the
-    encoder's CSR backward and the gathered AuxK run (3 dead: AuxK takes all of them, scale
-    3/6; 200 dead: the top 6 of them); ``decoder_impl: dense`` is SAELens's own step."""
+    encoder's gathered backward runs, with the dead latents' columns as a dense block where AuxK
+    fills them. AuxK keeps k_aux = 6 codes per row: 3 dead, all of them (scale 3/6), decoded
+    densely; 20 dead, 6 of them, still densely; 200 dead, gathered. ``decoder_impl: dense`` is
+    SAELens's own step."""
     sae_cls, cfg_cls = TRAINING_CLASSES[arch]
     settings = {**SETTINGS[arch], "k": 8}
     if "matryoshka" in arch:
@@ -328,14 +330,17 @@ def test_a_topk_family_step_trains_under_bf16_autocast(arch: str) -> None:
     assert sae.W_enc.grad is not None and torch.isfinite(sae.W_enc.grad).all() and sae.W_enc.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("density", [0.01, 0.5])  # the CSR backward, and the dense one above the crossover
+# Column densities: all gathered, all one dense block, and 40 dense columns beside sparse ones.
+@pytest.mark.parametrize("densities", [(0.01, 0.01), (0.5, 0.5), (0.6, 0.01)])
 @pytest.mark.parametrize("rescaled", [False, True])
-def test_preacts_with_sparse_grad_equal_autograd(density: float, rescaled: bool) -> None:
+def test_preacts_with_sparse_grad_equal_autograd(densities: tuple[float, float], rescaled: bool) -> None:
     from sae_lens_transcoder.saes.sparse_encode import preacts_with_sparse_grad
 
     torch.manual_seed(0)
     x, W, b = torch.randn(64, 16), torch.randn(16, 512), torch.randn(512)
     scale = torch.rand(512) + 0.5 if rescaled else None
+    density = torch.full((512,), densities[1])
+    density[torch.randperm(512)[:40]] = densities[0]
     grad = torch.randn(64, 512) * (torch.rand(64, 512) < density)
     results = []
     for fused in (False, True):
