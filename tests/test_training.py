@@ -165,3 +165,29 @@ def test_prefetch_and_periodic_checkpoints(
         assert (checkpoint / CHECKPOINT_COMPLETE_FILENAME).is_file()
         assert isinstance(SAE.load_from_disk(checkpoint / "layer_1"), SAE)
     assert isinstance(SAE.load_from_disk(tmp_path / "out"), Transcoder)
+
+
+def test_the_trainer_steps_adam_fused_to_sae_lens_trainers_weights(
+    make_runner_config: MakeConfig, gpt2_model: HookedTransformer, token_dataset: Any
+) -> None:
+    import copy
+
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from sae_lens_transcoder.training.trainer import TranscoderTrainer
+
+    runner = TranscoderTrainingRunner(make_runner_config(), override_model=gpt2_model, override_dataset=token_dataset)
+    trainer_cfg = runner.cfg.to_sae_trainer_config()
+    ours = TranscoderTrainer(cfg=trainer_cfg, sae=copy.deepcopy(runner.sae), data_provider=iter(()))
+    theirs = SAETrainer(cfg=trainer_cfg, sae=copy.deepcopy(runner.sae), data_provider=iter(()))
+    assert all(group["fused"] for group in ours.optimizer.param_groups)
+    assert not any(group["fused"] for group in theirs.optimizer.param_groups)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        batch = torch.randn(64, 2 * D_MODEL, generator=generator)
+        ours.step(batch)
+        theirs.step(batch)
+    moved = ours.sae.W_enc.detach() - runner.sae.W_enc.detach()
+    assert moved.abs().max() > 1e-3  # the steps changed the weights
+    for (name, ours_param), theirs_param in zip(ours.sae.named_parameters(), theirs.sae.parameters(), strict=True):
+        torch.testing.assert_close(ours_param, theirs_param, rtol=1e-5, atol=1e-6, msg=name)

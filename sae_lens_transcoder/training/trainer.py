@@ -27,7 +27,8 @@ class NonFiniteLossError(ValueError):
 
 
 class TranscoderTrainer(SAETrainer):  # type: ignore[type-arg]
-    """``SAETrainer`` that stops at a non-finite loss and resumes with the right step count."""
+    """``SAETrainer`` that stops at a non-finite loss, resumes with the right step count and
+    steps Adam with torch's fused kernel."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -36,6 +37,16 @@ class TranscoderTrainer(SAETrainer):  # type: ignore[type-arg]
         if self._n_features != self.act_freq_scores.shape[0]:
             self.act_freq_scores = self.act_freq_scores.new_zeros(self._n_features)
             self.n_forward_passes_since_fired = self.n_forward_passes_since_fired.new_zeros(self._n_features)
+        self._use_fused_adam()
+
+    def _use_fused_adam(self) -> None:
+        """SAELens builds a for-loop ``Adam``; torch's fused kernel makes the same update in one
+        pass per parameter (on 2 CPU cores 5-7 ms a step for d_sae 4608 where the loop takes 20-50).
+        ``fused`` is one of the optimizer's public per-group options, read at every step."""
+        devices = {p.device.type for group in self.optimizer.param_groups for p in group["params"]}
+        if devices <= {"cpu", "cuda"}:
+            for group in self.optimizer.param_groups:
+                group.update(fused=True, foreach=False)
 
     @property
     def _n_features(self) -> int:
