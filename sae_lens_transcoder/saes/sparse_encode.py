@@ -5,10 +5,10 @@ pre-activations per token, so ``dL/d(pre-activations)`` is a few percent dense. 
 still computes ``dL/dW_enc = x.T @ G`` as a dense ``[d_in, batch] x [batch, d_sae]`` matmul,
 as costly as the forward, plus a dense pass each for the bias and SAELens's decoder-norm
 rescale. ``preacts_with_sparse_grad`` computes the same forward in one op and, in its
-backward, reads only the non-zeros of ``G`` (gathered once) in the columns whose
-density is under ``GATHER_MAX_COLUMN_DENSITY`` (where gathering stops being faster), and takes the columns above it (the dead latents AuxK trains,
-the features that fire on most tokens) as one dense block. Its gradients equal autograd's
-dense ones (tests check 1e-5).
+backward, reads only the non-zeros of ``G`` (gathered once) in the columns whose density is
+under ``GATHER_MAX_COLUMN_DENSITY`` (where gathering stops being faster); the columns above it
+(the dead latents AuxK trains, features that fire on most tokens) go as one dense block. Its
+gradients equal autograd's dense ones (tests check 1e-5).
 """
 
 import torch
