@@ -38,14 +38,14 @@ class _PreactsWithSparseGrad(torch.autograd.Function):
         rows, cols = grad.nonzero().unbind(1)
         column_nnz = torch.bincount(cols, minlength=grad.shape[1])
         dense = column_nnz > GATHER_MAX_COLUMN_DENSITY * grad.shape[0]
-        if bool(dense.all()):
+        dense_columns = dense.nonzero().squeeze(1)
+        if dense_columns.numel() == grad.shape[1]:
             return _dense_grads(grad, x, W_enc, raw, scale, needs)
+        if dense_columns.numel() == 0:
+            return _gathered_grads(grad, rows, cols, column_nnz, x, W_enc, raw, scale, needs)
         sparse_entries = ~dense[cols]
         rows, cols = rows[sparse_entries], cols[sparse_entries]
         grads = _gathered_grads(grad, rows, cols, column_nnz.masked_fill(dense, 0), x, W_enc, raw, scale, needs)
-        dense_columns = dense.nonzero().squeeze(1)
-        if dense_columns.numel() == 0:
-            return grads
         block = _dense_grads(
             grad.index_select(1, dense_columns),
             x,

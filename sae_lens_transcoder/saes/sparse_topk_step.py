@@ -4,8 +4,8 @@ Two pieces of SAELens's ``TopKTrainingSAE`` step cost as much as the rest of it 
 only a few percent of the features: AuxK decodes the dead latents with a dense ``[batch, d_sae]``
 matmul, and the encoder's backward computes ``dL/dW_enc`` densely although only the kept and
 AuxK codes carry a gradient. This mixin sits before the SAELens class in a transcoder's MRO and
-replaces both with equal computations (tests: losses and gradients 1e-5): the gathered AuxK
-(``sparse_decode.sparse_topk_aux_loss``) and the CSR backward (``sparse_encode``).
+replaces both with equal computations (tests: losses and gradients 1e-5): AuxK over the dead
+columns only (``sparse_decode.sparse_topk_aux_loss``) and the gathered backward (``sparse_encode``).
 ``decoder_impl: dense`` keeps SAELens's own step.
 """
 
@@ -45,7 +45,7 @@ class SparseTopKStep:
         hidden_pre: torch.Tensor,
         dead_neuron_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """SAELens's AuxK loss with the dead latents decoded by gathering; ``sae_in`` is the
+        """SAELens's AuxK loss computed over the dead columns alone; ``sae_in`` is the
         transcoder's target (the mixin's step input), so AuxK reconstructs the target's residual."""
         dense = self.cfg.decoder_impl == "dense" or hidden_pre.ndim != 2  # type: ignore[attr-defined]
         if dense or dead_neuron_mask is None or (num_dead := int(dead_neuron_mask.sum())) == 0:
