@@ -3,7 +3,8 @@
 For each N, the set trainer trains MLPs 0..N-1 of the model from one forward pass per batch;
 the same N transcoders are then trained by N separate single-layer runs (each paying its own
 forward pass); and, in the same process, the roofline is measured:
-1 / (t_forward up to layer N-1 + sum over layers of t_transcoder step), per token.
+1 / (t_forward up to layer N-1 + sum over layers of t_transcoder step), per token, each
+transcoder stepping on its own layer's real activations.
 Every measurement runs in its own process (so its peak RSS is its own); the model load is
 not timed. Targets: set >= 0.9x its roofline, and >= 3x faster than 8 separate runs at N = 8.
 
@@ -49,7 +50,12 @@ def _timed_run(runner: TranscoderTrainingRunner) -> float:
 
 
 def _roofline(model: Any, args: argparse.Namespace, n: int) -> dict[str, float]:
-    """Seconds per token of the forward to layer n-1 and of each transcoder's training step."""
+    """Seconds per token of the forward to layer n-1 and of the n transcoders' training steps.
+
+    Each layer's transcoder steps on a batch of that layer's real activations (from the set's
+    own store): a step's cost depends on the data (which TopK columns are dense, how many codes
+    an L1 transcoder keeps), so random inputs would flatter the roofline.
+    """
     tokens = torch.randint(0, model.cfg.d_vocab, (args.batch // args.context, args.context))
     hooks = [f"blocks.{n - 1}.hook_mlp_out"]
     with torch.no_grad():
@@ -58,16 +64,20 @@ def _roofline(model: Any, args: argparse.Namespace, n: int) -> dict[str, float]:
         for _ in range(args.repeats):
             model.run_with_cache(tokens, names_filter=hooks, stop_at_layer=n)
     forward = (time.perf_counter() - start) / (args.repeats * args.batch)
-    runner = TranscoderTrainingRunner(_config(args, model.cfg.d_model, mlp_layer=0), override_model=model,
-                                      override_dataset=load_text_split("train"))
-    trainer = TranscoderTrainer(cfg=runner.cfg.to_sae_trainer_config(), sae=runner.sae, data_provider=iter(()))
-    batch = torch.randn(args.batch, 2 * model.cfg.d_model)
-    trainer.step(batch)  # warm-up
-    start = time.perf_counter()
-    for _ in range(args.repeats):
-        trainer.step(batch)
-    step = (time.perf_counter() - start) / (args.repeats * args.batch)
-    return {"forward_s_per_token": forward, "step_s_per_token": step, "tokens_per_s": 1 / (forward + n * step)}
+    runner = TranscoderTrainingRunner(_config(args, model.cfg.d_model, mlp_layer=None, mlp_layers=f"0-{n - 1}"),
+                                      override_model=model, override_dataset=load_text_split("train"))
+    packed, _ = next(runner.activations_store.batches_with_state())
+    batches = runner._split_batch(packed)  # noqa: SLF001 - the set trainer's own per-layer views
+    trainers = [TranscoderTrainer(cfg=runner.cfg.to_sae_trainer_config(), sae=sae, data_provider=iter(()))
+                for sae in runner._trainer_saes().values()]  # noqa: SLF001
+    steps = []
+    for trainer, batch in zip(trainers, batches.values(), strict=True):
+        trainer.step(batch)  # warm-up
+        start = time.perf_counter()
+        for _ in range(args.repeats):
+            trainer.step(batch)
+        steps.append((time.perf_counter() - start) / (args.repeats * args.batch))
+    return {"forward_s_per_token": forward, "step_s_per_token": sum(steps) / n, "tokens_per_s": 1 / (forward + sum(steps))}
 
 
 def measure(mode: str, n: int, args: argparse.Namespace) -> dict[str, float]:
