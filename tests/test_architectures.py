@@ -15,6 +15,7 @@ from datasets import Dataset
 from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.saes.sae import SAE, SAEMetadata, TrainStepInput, TrainStepOutput
 from sae_lens.saes.transcoder import SkipTranscoder, SkipTranscoderConfig
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sae_lens_transcoder import TranscoderTrainingRunner
 from sae_lens_transcoder.evals import evaluate_spliced
@@ -328,6 +329,46 @@ def test_a_topk_family_step_trains_under_bf16_autocast(arch: str) -> None:
         out = _step(sae, torch.randn(64, 16), torch.randn(64, 12), torch.arange(1024) < 3)
     out.loss.backward()
     assert sae.W_enc.grad is not None and torch.isfinite(sae.W_enc.grad).all() and sae.W_enc.grad.abs().sum() > 0
+
+
+class _CountTopK(TorchDispatchMode):
+    """Counts the ``aten.topk`` calls made while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.calls += func is torch.ops.aten.topk.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_topk_step_searches_the_codes_once_and_decodes_what_the_activation_kept() -> None:
+    """The sparse decode reuses the TopK activation's indices: one top-k over ``[batch, d_sae]``
+    per step, as in SAELens's dense step, and the same output. No latent is dead, so AuxK (which
+    has a top-k of its own) is off and every top-k is counted here."""
+    sae_cls, cfg_cls = TRAINING_CLASSES["topk_transcoder"]
+    x, y = torch.randn(256, 16), torch.randn(256, 12)
+    outputs = []
+    for impl in ("dense", "auto"):
+        torch.manual_seed(1)
+        sae = sae_cls(cfg_cls(d_in=16, d_sae=1024, d_out=12, k=8, decoder_impl=impl))
+        with _CountTopK() as counter:
+            outputs.append(_step(sae, x, y, torch.zeros(1024, dtype=torch.bool)).sae_out)
+        assert counter.calls == 1, impl
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_hook_that_changes_the_codes_is_what_the_topk_step_decodes() -> None:
+    sae_cls, cfg_cls = TRAINING_CLASSES["topk_transcoder"]
+    torch.manual_seed(1)
+    sae = sae_cls(cfg_cls(d_in=16, d_sae=1024, d_out=12, k=8))
+    x, y = torch.randn(64, 16), torch.randn(64, 12)
+    sae.hook_sae_acts_post.add_hook(lambda acts, hook: acts * (torch.arange(1024) % 2 == 0))  # noqa: ARG005
+    out = _step(sae, x, y)
+    assert (out.feature_acts[:, 1::2] == 0).all() and (out.feature_acts != 0).any()
+    expected = (out.feature_acts / sae.W_dec.norm(dim=-1)) @ sae.W_dec + sae.b_dec  # rescale_acts_by_decoder_norm
+    torch.testing.assert_close(out.sae_out, expected, rtol=1e-5, atol=1e-5)
 
 
 # Column densities: all gathered, all one dense block, and 40 dense columns beside sparse ones.

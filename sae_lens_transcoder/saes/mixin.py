@@ -33,7 +33,7 @@ from typing_extensions import override
 
 from sae_lens_transcoder.distributed.layers import LAYER_MODES, LayerMode
 from sae_lens_transcoder.distributed.replicas import mean_across_replicas
-from sae_lens_transcoder.saes.sparse_decode import SPARSE_DECODE_MAX_DENSITY, densest_row, sparse_decode
+from sae_lens_transcoder.saes.sparse_decode import SPARSE_DECODE_MAX_DENSITY, decode_gathered, densest_row, sparse_decode
 from sae_lens_transcoder.training.checkpoint_view import training_weights_file
 
 SUPPORTED_NORMALIZATIONS = ("none", "expected_average_only_in")
@@ -247,12 +247,25 @@ class TranscoderMixin:
         inference.load_state_dict(state)
         return inference
 
+    def remember_kept_codes(self, feature_acts: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """Let the next ``decode`` of this very ``feature_acts`` tensor gather ``values`` at
+        ``indices`` (``[batch, k]``, what the activation kept) instead of finding them again.
+        Only in a training step, where the decode always follows the encode."""
+        if self.training and torch.is_grad_enabled():  # type: ignore[attr-defined]
+            self._kept_codes = (feature_acts, indices, values)
+
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        kept = self.__dict__.pop("_kept_codes", None)
+        rescale = bool(getattr(self.cfg, "rescale_acts_by_decoder_norm", False))  # TopK's decode option
+        if kept is not None and kept[0] is feature_acts and self.cfg.decoder_impl != "dense":
+            out = decode_gathered(kept[1], kept[2], self.W_dec, rescale) + self.b_dec
+            return self._finish_decode(out)
         kmax = self._sparse_decode_width(feature_acts)
         if kmax is None:
             return super().decode(feature_acts)  # type: ignore[misc]
-        rescale = bool(getattr(self.cfg, "rescale_acts_by_decoder_norm", False))  # TopK's decode option
-        out = sparse_decode(feature_acts, self.W_dec, kmax, rescale) + self.b_dec
+        return self._finish_decode(sparse_decode(feature_acts, self.W_dec, kmax, rescale) + self.b_dec)
+
+    def _finish_decode(self, out: torch.Tensor) -> torch.Tensor:
         # What SAELens's decode does after its matmul.
         out = self.hook_sae_recons(out)  # type: ignore[attr-defined]
         out = self.run_time_activation_norm_fn_out(out)  # type: ignore[attr-defined]

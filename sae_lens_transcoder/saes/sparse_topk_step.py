@@ -6,11 +6,13 @@ matmul, and the encoder's backward computes ``dL/dW_enc`` densely although only 
 AuxK codes carry a gradient. This mixin sits before the SAELens class in a transcoder's MRO and
 replaces both with equal computations (tests: losses and gradients 1e-5): AuxK over the dead
 columns only (``sparse_decode.sparse_topk_aux_loss``) and the gathered backward (``sparse_encode``).
+A TopK activation also hands the decode the codes it kept, which the decode would otherwise
+find again with a second top-k over ``[batch, d_sae]``.
 ``decoder_impl: dense`` keeps SAELens's own step.
 """
 
 import torch
-from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
+from sae_lens.saes.topk_sae import TopK, TopKTrainingSAEConfig
 
 from sae_lens_transcoder.saes.sparse_decode import sparse_topk_aux_loss
 from sae_lens_transcoder.saes.sparse_encode import preacts_with_sparse_grad
@@ -36,7 +38,17 @@ class SparseTopKStep:
         sae_in = self.process_sae_in(x)  # type: ignore[attr-defined]
         scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
         hidden_pre = preacts_with_sparse_grad(sae_in, self.W_enc, self.b_enc, scale)
-        return self.hook_sae_acts_post(self.activation_fn(hidden_pre)), hidden_pre  # type: ignore[attr-defined]
+        activation = self.activation_fn  # type: ignore[attr-defined]
+        # A hook on the codes may change them, and then the decode must read what it returned.
+        codes_hooked = bool(self.hook_sae_acts_post._forward_hooks)  # type: ignore[attr-defined]
+        if type(activation) is not TopK or activation.use_sparse_activations or codes_hooked:
+            return self.hook_sae_acts_post(activation(hidden_pre)), hidden_pre  # type: ignore[attr-defined]
+        # SAELens's TopK, with the kept indices and values in hand: its module returns only the dense codes.
+        values, indices = hidden_pre.topk(activation.k, dim=-1, sorted=False)
+        values = values.relu()
+        feature_acts = self.hook_sae_acts_post(torch.zeros_like(hidden_pre).scatter(-1, indices, values))  # type: ignore[attr-defined]
+        self.remember_kept_codes(feature_acts, indices, values)  # type: ignore[attr-defined]
+        return feature_acts, hidden_pre
 
     def calculate_topk_aux_loss(
         self,
