@@ -257,7 +257,7 @@ class TranscoderMixin:
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
         kept = self.__dict__.pop("_kept_codes", None)
         rescale = bool(getattr(self.cfg, "rescale_acts_by_decoder_norm", False))  # TopK's decode option
-        if kept is not None and kept[0] is feature_acts and self.cfg.decoder_impl != "dense":
+        if kept is not None and kept[0] is feature_acts:  # only the sparse encode remembers codes
             out = decode_gathered(kept[1], kept[2], self.W_dec, rescale) + self.b_dec
             return self._finish_decode(out)
         kmax = self._sparse_decode_width(feature_acts)
