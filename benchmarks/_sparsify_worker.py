@@ -78,6 +78,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="default: sparsify's own, 5e-3 / sqrt(d_sae / 2**14)")
     p.add_argument("--seed", type=int, default=0, help="sparsify's init seed (torch.manual_seed before the init)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--lm-autocast", action="store_true",
+                   help="run the layers before the MLP under bf16 autocast (see autocast_before_mlp)")
     p.add_argument("--exclude-tokens", type=int, nargs="*", default=[], help="token ids sparsify skips (default none)")
     return p.parse_args()
 
@@ -187,6 +189,15 @@ def formula_forward(w: dict[str, torch.Tensor], x: torch.Tensor, k: int) -> torc
     return y
 
 
+def autocast_before_mlp(model: Any, layer: int) -> None:
+    """bf16 autocast for the layers that compute the MLP's input (the counterpart of SAELens's
+    ``autocast_lm``). The MLP itself and the transcoder stay float32: sparsify's coder is float32
+    and its fused encoder takes only inputs of its own dtype, and an autocast around the whole
+    model would also run the transcoder's step in bf16, many times slower on a CPU."""
+    for module in [*model.layers[:layer], model.layers[layer].self_attn]:
+        module.forward = torch.autocast("cpu", dtype=torch.bfloat16)(module.forward)
+
+
 def main() -> int:
     args = parse_args()
     if args.threads:
@@ -208,6 +219,8 @@ def main() -> int:
 
     t_load = time.perf_counter()
     model, model_info = load_cut_model(args.model_dir, args.layer)
+    if args.lm_autocast:
+        autocast_before_mlp(model, args.layer)
     load_seconds = time.perf_counter() - t_load
     hookpoint = f"layers.{args.layer}.mlp"  # relative to model.base_model, as sparsify resolves it
     mlp = model.get_submodule(hookpoint)
@@ -322,6 +335,7 @@ def main() -> int:
         "fit_seconds": fit_seconds,
         "load_seconds": load_seconds,
         "torch_threads": torch.get_num_threads(),
+        "lm_autocast": args.lm_autocast,
         "lr_used": lr_used,
         "seed": args.seed,
         "hookpoint": hookpoint,

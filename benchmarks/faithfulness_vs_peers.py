@@ -26,7 +26,10 @@ Run (two venvs: this package's runs the driver, sparsify's only the worker)::
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faithfulness_vs_peers.py \
         [--tokens 786432] [--systems topk_transcoder sparsify_topk_transcoder ...] \
-        [--levels topk_skip_transcoder=16,32,64] [--threads 1] [--out DIR]
+        [--levels topk_skip_transcoder=16,32,64] [--threads 1] [--lm-dtype bfloat16] [--out DIR]
+
+``--lm-dtype bfloat16`` runs the LM forward that makes the activations under bf16 autocast for
+every system (training and evaluation stay float32) and writes to ``<tokens>_bfloat16_lm``.
 
 Results merge into ``--out`` (default ``benchmarks/results/faithfulness_vs_peers/<tokens>``):
 ``results.json`` keyed by system, level and budget (a run already there is skipped unless
@@ -121,12 +124,14 @@ HOOK_CHECK_RTOL = 1e-3
 
 # system -> (family, the config field its levels set, default levels, fixed settings).
 # A "matryoshka_widths" entry is in fractions of d_sae. JumpReLU's l0_coefficients come from a
-# calibration (d_sae 1152, 768 steps): 0.5 / 2 / 8 gave L0 42 / 21 / 11.
+# calibration (d_sae 1152, 768 steps): 0.5 / 2 / 8 gave L0 42 / 21 / 11. The L1 coefficients too
+# (768 steps at batch 256): the standard SAE's 1 / 2 gave L0 209 / 67; the transcoder's come from
+# benchmarks/results/pareto (3 / 5: L0 86 / 47 after 256 steps), scaled like the SAE's.
 L1 = {"l1_warm_up_steps": 200}
 NESTED = {"matryoshka_widths": (1 / 8, 1 / 2, 1)}
 SYSTEMS: dict[str, tuple[str, str, tuple[float, ...], dict[str, Any]]] = {
-    "transcoder": ("ours", "l1_coefficient", (1, 2, 4), L1),
-    "skip_transcoder": ("ours", "l1_coefficient", (1, 2, 4), L1),
+    "transcoder": ("ours", "l1_coefficient", (2, 3, 5), L1),
+    "skip_transcoder": ("ours", "l1_coefficient", (2, 3, 5), L1),
     "jumprelu_transcoder": ("ours", "l0_coefficient", (0.25, 1, 4), {}),
     "jumprelu_skip_transcoder": ("ours", "l0_coefficient", (0.25, 1, 4), {}),
     "topk_transcoder": ("ours", "k", (16, 32, 64), {}),
@@ -136,7 +141,7 @@ SYSTEMS: dict[str, tuple[str, str, tuple[float, ...], dict[str, Any]]] = {
     "matryoshka_batchtopk_transcoder": ("ours", "k", (16, 32, 64), NESTED),
     "matryoshka_batchtopk_skip_transcoder": ("ours", "k", (16, 32, 64), NESTED),
     "sparsify_topk_transcoder": ("sparsify", "k", (16, 32, 64), {}),
-    "standard_sae": ("SAELens", "l1_coefficient", (1, 2, 4), L1),
+    "standard_sae": ("SAELens", "l1_coefficient", (2, 3, 5), L1),
     "topk_sae": ("SAELens", "k", (16, 32, 64), {}),
 }
 PEER_LABELS = {
@@ -147,6 +152,11 @@ PEER_LABELS = {
 # Plot colours: ours by position in SYSTEMS (tab20 pairs: an architecture dark, its skip light).
 PEER_COLOURS = {"sparsify_topk_transcoder": "black", "standard_sae": "tab:brown", "topk_sae": "tab:cyan"}
 SPEED_K = 32
+LM_DTYPE_NOTE = {
+    "float32": "float32",
+    "bfloat16": "bf16 autocast (SAELens's `autocast_lm` for ours and its SAEs; sparsify's layers before the MLP), "
+    "the transcoders and SAEs train in float32, and every evaluation runs in float32",
+}
 
 
 @dataclass
@@ -196,6 +206,7 @@ def runner_config(sae: Any, args: argparse.Namespace, hook_name: str) -> Languag
         exclude_special_tokens=True, training_tokens=args.tokens, train_batch_size_tokens=args.batch,
         store_batch_size_prompts=16, n_batches_in_buffer=64, n_batches_for_norm_estimate=20,
         lr=args.lr, lr_warm_up_steps=100, checkpoint_path=None, output_path=None,
+        autocast_lm=args.lm_dtype == "bfloat16",
         logger=LoggingConfig(log_to_wandb=False), verbose=False,
     )
 
@@ -298,11 +309,12 @@ def write_hf_model_dir(directory: Path) -> Path:
 
 
 def run_sparsify_worker(k: int, model_dir: Path, inputs: Inputs, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
-    out = args.workdir / f"sparsify_k{k}_d{args.d_sae}_t{args.tokens}"
+    out = args.workdir / f"sparsify_k{k}_d{args.d_sae}_t{args.tokens}_{args.lm_dtype}"
     threads = str(torch.get_num_threads())
     cmd = [args.sparsify_python, str(WORKER), "--model-dir", str(model_dir), "--tokens", str(inputs.token_file),
            "--layer", str(args.layer), "--k", str(k), "--d-sae", str(args.d_sae), "--batch-tokens", str(args.batch),
-           "--out", str(out), "--threads", threads, "--exclude-tokens", *map(str, inputs.exclude.tolist())]
+           "--out", str(out), "--threads", threads, *(["--lm-autocast"] if args.lm_dtype == "bfloat16" else []),
+           "--exclude-tokens", *map(str, inputs.exclude.tolist())]
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads},
                           capture_output=True, text=True)
@@ -509,7 +521,8 @@ def table(results: dict[str, Any]) -> str:
         f"# Faithfulness at matched L0: {setup['model']} MLP {setup['layer']}", "",
         f"d_sae {setup['d_sae']}, context {setup['context_size']}, batch {setup['batch']} tokens, lr {setup['lr']} "
         f"and `{NORMALIZATION}` (ours and SAELens; sparsify: its own lr, no normalisation), embedded corpus, one "
-        "token stream for all (see the script's docstring). Every system is spliced in place of the MLP output on "
+        "token stream for all (see the script's docstring). The LM forward that makes the training activations "
+        f"runs in {LM_DTYPE_NOTE[setup['lm_dtype']]}. Every system is spliced in place of the MLP output on "
         f"{setup['heldout_positions']} held-out positions (`test` split, special tokens excluded). ΔCE = CE spliced "
         "− CE clean; FVU/EV against the MLP output; CE recovered against zero-ablating the MLP; dead % = features "
         "that never fire on the held-out tokens; tokens/s = training tokens over training wall time alone, with "
@@ -550,12 +563,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3, help="ours and SAELens's (sparsify uses its own)")
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--threads", type=int, default=None, help="torch threads here and in the sparsify worker")
+    p.add_argument("--lm-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the LM forward that makes the activations: bfloat16 = SAELens's autocast_lm for ours and "
+                   "its SAEs, its layers before the MLP for sparsify (the SAEs train in float32 either way)")
     p.add_argument("--force", action="store_true", help="retrain runs already in results.json")
     p.add_argument("--sparsify-python", default="/work/sparsify-venv/bin/python")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/faithfulness_vs_peers"))
     p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/faithfulness_vs_peers/<tokens>")
     args = p.parse_args()
-    args.out = args.out or ROOT / "benchmarks" / "results" / "faithfulness_vs_peers" / str(args.tokens)
+    budget = str(args.tokens) + ("" if args.lm_dtype == "float32" else f"_{args.lm_dtype}_lm")
+    args.out = args.out or ROOT / "benchmarks" / "results" / "faithfulness_vs_peers" / budget
     args.levels = parse_levels(args.levels)
     return args
 
@@ -581,7 +598,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     inputs = prepare(args)
     setup = {"model": MODEL, "layer": args.layer, "d_sae": args.d_sae, "context_size": CONTEXT, "batch": args.batch,
-             "lr": args.lr, "eval_tokens": args.eval_tokens,
+             "lr": args.lr, "lm_dtype": args.lm_dtype, "eval_tokens": args.eval_tokens,
              "heldout_positions": int(torch.isin(inputs.heldout, inputs.exclude, invert=True).sum())}
     results_path = args.out / "results.json"
     results = load_results(results_path, setup)

@@ -123,6 +123,26 @@ def test_store_batches_are_token_aligned_mlp_input_output_pairs(
         torch.testing.assert_close(model.blocks[1].mlp(x[None])[0], y, rtol=1e-5, atol=1e-5)
 
 
+def test_autocast_lm_gives_float32_batches_of_the_bf16_forward_and_trains(
+    make_runner_config: MakeConfig, gpt2_model: HookedTransformer, token_dataset: Any
+) -> None:
+    cfg = make_runner_config(autocast_lm=True)
+    runner = TranscoderTrainingRunner(cfg, override_model=gpt2_model, override_dataset=token_dataset)
+    batch = next(runner.activations_store)
+    assert batch.dtype == torch.float32
+    x, y = batch[:, :D_MODEL], batch[:, D_MODEL:]
+    with torch.no_grad():
+        exact = gpt2_model.blocks[1].mlp(x[None])[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded = gpt2_model.blocks[1].mlp(x[None])[0].float()
+    # The bf16 forward's outputs: close to the float32 MLP of the same input, equal to its bf16 run.
+    torch.testing.assert_close(y, rounded, rtol=0, atol=0)
+    assert 0 < (y - exact).abs().max() < 0.05 * exact.abs().max()
+    before = evaluate_spliced(gpt2_model, [Splice(runner.sae, cfg.hook_name, "blocks.1.hook_mlp_out")], _eval_tokens())
+    after = evaluate_spliced(gpt2_model, [runner.run()], _eval_tokens())  # evaluated in float32
+    assert after["mse"] < 0.3 * before["mse"]
+
+
 def test_b_dec_starts_at_the_mean_output_unless_weights_are_loaded(tmp_path: Path) -> None:
     from sae_lens.saes.sae import TrainStepInput
 
