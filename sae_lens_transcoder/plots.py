@@ -34,17 +34,17 @@ def plot_pareto(
     y_label: str = "CE loss increase (nats)",
 ) -> Path:
     """L0 vs ``y_key`` for each named series of evaluation rows (e.g. transcoders vs SAEs)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(9, 4), layout="constrained")
     for name, rows in series.items():
         points = sorted((float(r["l0"]), float(r[y_key])) for r in rows)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     ax.set_xscale("log")
     ax.set_xlabel("L0 (active features per token)")
     ax.set_ylabel(y_label)
-    ax.legend()
+    # Outside the axes: with many series an inside legend hides points.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
