@@ -206,7 +206,7 @@ def runner_config(sae: Any, args: argparse.Namespace, hook_name: str) -> Languag
         exclude_special_tokens=True, training_tokens=args.tokens, train_batch_size_tokens=args.batch,
         store_batch_size_prompts=16, n_batches_in_buffer=64, n_batches_for_norm_estimate=20,
         lr=args.lr, lr_warm_up_steps=100, checkpoint_path=None, output_path=None,
-        autocast_lm=args.lm_dtype == "bfloat16",
+        autocast_lm=args.lm_autocast,
         logger=LoggingConfig(log_to_wandb=False), verbose=False,
     )
 
@@ -313,7 +313,7 @@ def run_sparsify_worker(k: int, model_dir: Path, inputs: Inputs, args: argparse.
     threads = str(torch.get_num_threads())
     cmd = [args.sparsify_python, str(WORKER), "--model-dir", str(model_dir), "--tokens", str(inputs.token_file),
            "--layer", str(args.layer), "--k", str(k), "--d-sae", str(args.d_sae), "--batch-tokens", str(args.batch),
-           "--out", str(out), "--threads", threads, *(["--lm-autocast"] if args.lm_dtype == "bfloat16" else []),
+           "--out", str(out), "--threads", threads, *(["--lm-autocast"] if args.lm_autocast else []),
            "--exclude-tokens", *map(str, inputs.exclude.tolist())]
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads},
@@ -571,7 +571,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/faithfulness_vs_peers"))
     p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/faithfulness_vs_peers/<tokens>")
     args = p.parse_args()
-    budget = str(args.tokens) + ("" if args.lm_dtype == "float32" else f"_{args.lm_dtype}_lm")
+    args.lm_autocast = args.lm_dtype == "bfloat16"
+    budget = str(args.tokens) + (f"_{args.lm_dtype}_lm" if args.lm_autocast else "")
     args.out = args.out or ROOT / "benchmarks" / "results" / "faithfulness_vs_peers" / budget
     args.levels = parse_levels(args.levels)
     return args
