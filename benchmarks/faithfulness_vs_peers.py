@@ -65,6 +65,13 @@ rows of every LLM batch during ``run()``, and the first ``n`` of them must equal
 (asserted; ``stream_check`` in results.json). Only one epoch is used: the script refuses a
 budget larger than the ``train`` split.
 
+Larger budgets. The embedded ``train`` split holds about 3.3M trainable tokens, less than the
+4M budget. ``--train-dataset DIR`` streams the ``train`` split of another directory dataset
+instead, such as the same three sources without the embedded corpus's 4M-characters-per-source
+cap (about 4.8M tokens, ``scripts/build_corpus.py --max-source-chars 100000000 --out-dir DIR``).
+The held-out set stays the embedded ``test`` split, so every budget is scored on the same
+tokens; the driver refuses a train split that shares a document with it.
+
 Hooks. ``mlp_layer`` resolves to ``blocks.L.mlp.hook_in`` (the MLP's exact input) on this
 model: it is loaded without ``fold_ln``, so ``ln2`` keeps its weight and
 ``ln2.hook_normalized`` (before the weight) is not what the MLP reads. sparsify reads the
@@ -103,7 +110,7 @@ from transformer_lens import HookedTransformer
 
 from sae_lens_transcoder import TranscoderTrainingRunner
 from sae_lens_transcoder._sae_lens_privates import fresh_token_sequences
-from sae_lens_transcoder.data import load_text_split
+from sae_lens_transcoder.data import EMBEDDED_DATASET, load_text_split
 from sae_lens_transcoder.evals import evaluate_spliced
 from sae_lens_transcoder.hooks import default_input_hook, mlp_out_hook
 from sae_lens_transcoder.llm_transcoder_training_runner import SAE_LENS_DEFAULT_HOOK
@@ -201,7 +208,7 @@ def runner_config(sae: Any, args: argparse.Namespace, hook_name: str) -> Languag
     steps = args.tokens // args.batch
     return LanguageModelSAERunnerConfig(
         lr_decay_steps=steps // 5, dead_feature_window=max(1, steps // 8),
-        sae=sae, model_name=MODEL, hook_name=hook_name, dataset_path="embedded",
+        sae=sae, model_name=MODEL, hook_name=hook_name, dataset_path=args.train_dataset,
         is_dataset_tokenized=False, streaming=False, context_size=CONTEXT, prepend_bos=True,
         exclude_special_tokens=True, training_tokens=args.tokens, train_batch_size_tokens=args.batch,
         store_batch_size_prompts=16, n_batches_in_buffer=64, n_batches_for_norm_estimate=20,
@@ -520,10 +527,10 @@ def table(results: dict[str, Any]) -> str:
     lines = [
         f"# Faithfulness at matched L0: {setup['model']} MLP {setup['layer']}", "",
         f"d_sae {setup['d_sae']}, context {setup['context_size']}, batch {setup['batch']} tokens, lr {setup['lr']} "
-        f"and `{NORMALIZATION}` (ours and SAELens; sparsify: its own lr, no normalisation), embedded corpus, one "
-        "token stream for all (see the script's docstring). The LM forward that makes the training activations "
-        f"runs in {LM_DTYPE_NOTE[setup['lm_dtype']]}. Every system is spliced in place of the MLP output on "
-        f"{setup['heldout_positions']} held-out positions (`test` split, special tokens excluded). ΔCE = CE spliced "
+        f"and `{NORMALIZATION}` (ours and SAELens; sparsify: its own lr, no normalisation), the `train` split "
+        f"of the `{setup['train_dataset']}` corpus, one token stream for all (see the script's docstring). The LM "
+        f"forward that makes the training activations runs in {LM_DTYPE_NOTE[setup['lm_dtype']]}. Every system is spliced in place of the MLP output on "
+        f"{setup['heldout_positions']} held-out positions (the embedded `test` split, special tokens excluded). ΔCE = CE spliced "
         "− CE clean; FVU/EV against the MLP output; CE recovered against zero-ablating the MLP; dead % = features "
         "that never fire on the held-out tokens; tokens/s = training tokens over training wall time alone, with "
         "`threads` torch threads.", "",
@@ -566,6 +573,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lm-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="the LM forward that makes the activations: bfloat16 = SAELens's autocast_lm for ours and "
                    "its SAEs, its layers before the MLP for sparsify (the SAEs train in float32 either way)")
+    p.add_argument("--train-dataset", default=EMBEDDED_DATASET,
+                   help="directory dataset whose train split is the token stream (held-out: always the embedded test split)")
     p.add_argument("--force", action="store_true", help="retrain runs already in results.json")
     p.add_argument("--sparsify-python", default="/work/sparsify-venv/bin/python")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/faithfulness_vs_peers"))
@@ -581,14 +590,23 @@ def parse_args() -> argparse.Namespace:
 def prepare(args: argparse.Namespace) -> Inputs:
     """Model, data, held-out tokens and the token file."""
     model = load_model(MODEL, cache_dir=str(ROOT / ".cache" / "models"))
-    train = load_text_split("train")
-    heldout = heldout_tokens(model, load_text_split("test"), CONTEXT, args.eval_tokens)
+    train = load_text_split("train", args.train_dataset)
+    test = load_text_split("test")
+    shared = set(train["text"]) & set(test["text"])
+    if shared:
+        raise SystemExit(f"--train-dataset {args.train_dataset}: {len(shared)} train documents are in the held-out split")
+    heldout = heldout_tokens(model, test, CONTEXT, args.eval_tokens)
     exclude = torch.tensor(get_special_token_ids(model.tokenizer), dtype=torch.long)  # type: ignore[arg-type]
     rows = training_rows(model, train, exclude, args)
     token_file = args.workdir / f"tokens_{args.tokens}.pt"
     torch.save(rows, token_file)
     print(f"token stream: {rows.shape[0]} rows of {CONTEXT} -> {token_file}; excluded ids {exclude.tolist()}", flush=True)
     return Inputs(model, train, heldout, exclude, rows, token_file)
+
+
+def dataset_name(path: str, train: Any) -> str:
+    """How results.json names the training data: ``embedded``, or a directory's name and size."""
+    return path if path == EMBEDDED_DATASET else f"{Path(path).name} ({len(train)} train documents)"
 
 
 def main() -> None:
@@ -599,7 +617,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     inputs = prepare(args)
     setup = {"model": MODEL, "layer": args.layer, "d_sae": args.d_sae, "context_size": CONTEXT, "batch": args.batch,
-             "lr": args.lr, "lm_dtype": args.lm_dtype, "eval_tokens": args.eval_tokens,
+             "lr": args.lr, "lm_dtype": args.lm_dtype, "train_dataset": dataset_name(args.train_dataset, inputs.train), "eval_tokens": args.eval_tokens,
              "heldout_positions": int(torch.isin(inputs.heldout, inputs.exclude, invert=True).sum())}
     results_path = args.out / "results.json"
     results = load_results(results_path, setup)
