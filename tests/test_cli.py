@@ -153,6 +153,8 @@ def test_main_job_smoke_run_on_smollm2(tmp_path: Path) -> None:
           "--eval-tokens", "512", "--json", str(metrics)])
     sae = SAE.load_from_disk(out)
     assert isinstance(sae, Transcoder) and (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.d_out) == (576, 4608, 576)
+    # The README promises the main job's output loads in plain SAELens: a SAELens class, not one of ours.
+    assert type(sae).__module__.startswith("sae_lens.")
     assert sae.cfg.metadata.hook_name == "blocks.3.mlp.hook_in"
     result = json.loads(metrics.read_text())
     assert result["ce_loss_zero_ablation"] > result["ce_loss_clean"] > 0
