@@ -65,10 +65,10 @@ rows of every LLM batch during ``run()``, and the first ``n`` of them must equal
 (asserted; ``stream_check`` in results.json). Only one epoch is used: the script refuses a
 budget larger than the ``train`` split.
 
-Larger budgets. The embedded ``train`` split holds about 3.3M trainable tokens, less than the
+Larger budgets. The embedded ``train`` split holds about 3.2M tokens, less than the
 4M budget. ``--train-dataset DIR`` streams the ``train`` split of another directory dataset
 instead, such as the same three sources without the embedded corpus's 4M-characters-per-source
-cap (about 4.8M tokens, ``scripts/build_corpus.py --max-source-chars 100000000 --out-dir DIR``).
+cap (about 4.6M tokens, ``scripts/build_corpus.py --max-source-chars 100000000 --out-dir DIR``).
 The held-out set stays the embedded ``test`` split, so every budget is scored on the same
 tokens; the driver refuses a train split that shares a document with it.
 
