@@ -399,6 +399,44 @@ def test_preacts_with_sparse_grad_equal_autograd(densities: tuple[float, float],
         torch.testing.assert_close(fused_grad, autograd_grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["jumprelu_transcoder", "jumprelu_skip_transcoder"])
+def test_jumprelu_gathered_decode_keeps_the_threshold_gradient_and_equals_the_dense_step(
+    arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With thresholds at each feature's 98th percentile about 3% of the codes are active, and
+    some inactive codes lie within half a bandwidth below their threshold, where the
+    straight-through estimator reads their gradient: the gathered decode must hand it to them."""
+    import sae_lens_transcoder.saes.mixin as mixin
+
+    gathered: list[int] = []
+    decode_gathered = mixin.decode_gathered
+    monkeypatch.setattr(mixin, "decode_gathered", lambda *a, **k: gathered.append(a[0].numel()) or decode_gathered(*a, **k))
+    sae_cls, cfg_cls = TRAINING_CLASSES[arch]
+    x, y = torch.randn(64, 16), torch.randn(64, 12)
+    results = []
+    for impl in ("dense", "auto"):
+        torch.manual_seed(1)
+        sae = sae_cls(cfg_cls(d_in=16, d_sae=1024, d_out=12, decoder_impl=impl, jumprelu_bandwidth=0.005, b_enc_init="zeros", **SETTINGS[arch]))
+        if sae.cfg.has_skip:
+            torch.nn.init.normal_(sae.W_skip, std=0.1)
+        with torch.no_grad():
+            hidden_pre = sae.encode_with_hidden_pre(x)[1]
+            sae.threshold.copy_(hidden_pre.quantile(0.98, dim=0))
+            in_window = (hidden_pre > sae.threshold - 0.0025) & (hidden_pre <= sae.threshold)
+        assert in_window.sum() > 0
+        gathered.clear()
+        out = _step(sae, x, y)
+        out.loss.backward()
+        assert bool(gathered) == (impl == "auto") and all(n < 0.05 * 64 * 1024 for n in gathered)
+        results.append((out.loss.detach(), out.sae_out.detach(), {name: p.grad for name, p in sae.named_parameters()}))
+    (dense_loss, dense_out, dense_grads), (sparse_loss, sparse_out, sparse_grads) = results
+    torch.testing.assert_close(sparse_loss, dense_loss)
+    torch.testing.assert_close(sparse_out, dense_out, rtol=1e-5, atol=1e-5)
+    assert dense_grads["threshold"].abs().sum() > 0
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_the_sparse_decode_is_refused_where_it_is_not_exact() -> None:
     with pytest.raises(ValueError, match="decoder_impl='sparse' is not exact for jumprelu_transcoder"):
         JumpReLUTrainingTranscoderConfig(d_in=16, d_sae=64, decoder_impl="sparse")

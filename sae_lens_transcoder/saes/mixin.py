@@ -112,7 +112,8 @@ class TranscoderConfigMixin(TrainingSAEConfig):
         if self.decoder_impl == "sparse" and not self.sparse_decode_exact:
             raise ValueError(
                 f"sae.decoder_impl='sparse' is not exact for {self.architecture()}: its threshold gradient needs "
-                "the decoder's gradient at inactive codes. Use decoder_impl: auto (dense here) or dense."
+                "the decoder's gradient at inactive codes. Use decoder_impl: auto (sparse only where that stays "
+                "exact) or dense."
             )
         if self.b_enc_init not in ("mean_input", "zeros"):
             raise ValueError(f"sae.b_enc_init must be 'mean_input' or 'zeros'; got {self.b_enc_init!r}.")
@@ -247,18 +248,20 @@ class TranscoderMixin:
         inference.load_state_dict(state)
         return inference
 
-    def remember_kept_codes(self, feature_acts: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
+    def remember_kept_codes(
+        self, feature_acts: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor | None = None
+    ) -> None:
         """Let the next ``decode`` of this very ``feature_acts`` tensor gather ``values`` at
-        ``indices`` (``[batch, k]``, what the activation kept) instead of finding them again.
-        Only in a training step, where the decode always follows the encode."""
+        ``indices`` (``[batch, k]``, or flat with ``offsets``: ``decode_gathered``) instead of
+        finding the codes again. Only in a training step, where the decode always follows the encode."""
         if self.training and torch.is_grad_enabled():  # type: ignore[attr-defined]
-            self._kept_codes = (feature_acts, indices, values)
+            self._kept_codes = (feature_acts, indices, values, offsets)
 
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
         kept = self.__dict__.pop("_kept_codes", None)
         rescale = bool(getattr(self.cfg, "rescale_acts_by_decoder_norm", False))  # TopK's decode option
         if kept is not None and kept[0] is feature_acts:  # only the sparse encode remembers codes
-            out = decode_gathered(kept[1], kept[2], self.W_dec, rescale) + self.b_dec
+            out = decode_gathered(kept[1], kept[2], self.W_dec, rescale, kept[3]) + self.b_dec
             return self._finish_decode(out)
         kmax = self._sparse_decode_width(feature_acts)
         if kmax is None:

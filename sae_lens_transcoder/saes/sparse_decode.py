@@ -26,13 +26,18 @@ def densest_row(acts: torch.Tensor) -> int:
 
 
 def decode_gathered(
-    indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor, rescale_by_decoder_norm: bool = False
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    W_dec: torch.Tensor,
+    rescale_by_decoder_norm: bool = False,
+    offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Σ_j values[b, j] · W_dec[indices[b, j]]`` for ``[batch, kmax]`` indices and values
-    (divided by the rows' norms first when rescaling, as SAELens's TopK decode)."""
+    (divided by the rows' norms first when rescaling, as SAELens's TopK decode); with
+    ``offsets``, flat indices and values where row ``b`` starts at ``offsets[b]``."""
     if rescale_by_decoder_norm:
         values = values / W_dec.norm(dim=-1)[indices]
-    return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+    return F.embedding_bag(indices, W_dec, offsets, per_sample_weights=values.to(W_dec.dtype), mode="sum")
 
 
 def sparse_decode(acts: torch.Tensor, W_dec: torch.Tensor, kmax: int, rescale_by_decoder_norm: bool = False) -> torch.Tensor:

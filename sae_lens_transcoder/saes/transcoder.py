@@ -42,6 +42,7 @@ from typing_extensions import override
 
 from sae_lens_transcoder.distributed.replicas import min_across_replicas
 from sae_lens_transcoder.saes.mixin import TranscoderConfigMixin, TranscoderMixin, TranscoderTrainingCore
+from sae_lens_transcoder.saes.sparse_jumprelu_step import SparseJumpReLUStep
 from sae_lens_transcoder.saes.sparse_topk_step import SparseTopKStep
 from sae_lens_transcoder.saes.topk_transcoder import TOPK_SKIP_TRANSCODER, TOPK_TRANSCODER
 
@@ -98,7 +99,7 @@ class JumpReLUTrainingTranscoderConfig(TranscoderConfigMixin, JumpReLUTrainingSA
         return "jumprelu_transcoder"
 
 
-class JumpReLUTrainingTranscoder(TranscoderMixin, JumpReLUTrainingSAE, TranscoderTrainingCore):  # type: ignore[misc]
+class JumpReLUTrainingTranscoder(TranscoderMixin, SparseJumpReLUStep, JumpReLUTrainingSAE, TranscoderTrainingCore):  # type: ignore[misc]
     cfg: JumpReLUTrainingTranscoderConfig  # type: ignore[assignment]
 
 

@@ -1,0 +1,58 @@
+"""JumpReLU's training decode made sparse without losing its straight-through threshold gradient.
+
+A decode of the non-zero codes alone is not exact for JumpReLU: its straight-through estimator
+reads dL/d(code) wherever the pre-activation lies within half a bandwidth of the threshold,
+including just below it, where the code is zero. This mixin sits before SAELens's
+``JumpReLUTrainingSAE`` in a transcoder's MRO and hands the decode, per token, every feature whose
+pre-activation is above ``threshold - bandwidth`` (the active codes and the whole window, with
+half a bandwidth to spare for rounding). The decode gathers them with ``embedding_bag``: the zero
+codes among them add nothing to the output and still receive their gradient, so losses and
+gradients equal SAELens's dense step (tests). Each token's set is one bag of its own length, so
+a few tokens reaching many features do not pad the rest. Where the sets hold more than
+``SPARSE_DECODE_MAX_DENSITY`` of the batch's codes the dense decode is faster and runs instead;
+``decoder_impl: dense`` always keeps it. The encoder's backward reads only the gradient's
+non-zeros too (``sparse_encode``, as the TopK family's step).
+"""
+
+import torch
+from sae_lens.saes.jumprelu_sae import JumpReLU, JumpReLUTrainingSAEConfig
+
+from sae_lens_transcoder.saes.sparse_decode import SPARSE_DECODE_MAX_DENSITY
+from sae_lens_transcoder.saes.sparse_encode import preacts_with_sparse_grad
+
+
+class SparseJumpReLUStep:
+    """``encode_with_hidden_pre`` of ``JumpReLUTrainingSAE``, remembering the codes its decode needs."""
+
+    cfg: JumpReLUTrainingSAEConfig
+    W_enc: torch.nn.Parameter
+    b_enc: torch.nn.Parameter
+    threshold: torch.nn.Parameter
+    bandwidth: float
+
+    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAELens's JumpReLU encode with the encoder matmul's backward sparse in the gradient (which
+        is non-zero only at the active codes, and within the window where the straight-through
+        estimator reaches the input): SAELens has no seam for the encoder matmul. Hooks on
+        ``hook_sae_acts_pre``, autocast and half precision keep SAELens's own encode."""
+        hooked = bool(self.hook_sae_acts_pre._forward_hooks)  # type: ignore[attr-defined]
+        full_precision = self.W_enc.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)
+        if self.cfg.decoder_impl == "dense" or hooked or x.ndim != 2 or not full_precision:  # type: ignore[attr-defined]
+            return super().encode_with_hidden_pre(x)  # type: ignore[misc,no-any-return]
+        hidden_pre = preacts_with_sparse_grad(self.process_sae_in(x), self.W_enc, self.b_enc)  # type: ignore[attr-defined]
+        threshold = self.threshold.to(hidden_pre.dtype)
+        feature_acts = JumpReLU.apply(hidden_pre, threshold, self.bandwidth, self.cfg.jumprelu_ste_to_input)
+        feature_acts = self.hook_sae_acts_post(feature_acts)  # type: ignore[attr-defined]
+        # A hook on the codes may make codes non-zero outside the window: decode them densely.
+        if self.hook_sae_acts_post._forward_hooks:  # type: ignore[attr-defined]
+            return feature_acts, hidden_pre
+        with torch.no_grad():
+            reached = hidden_pre > threshold - self.bandwidth
+            rows, columns = reached.nonzero(as_tuple=True)
+        if columns.numel() > SPARSE_DECODE_MAX_DENSITY * reached.numel():
+            return feature_acts, hidden_pre
+        # Each token's codes as one bag of variable length: rows have as many as they reach, unpadded.
+        offsets = torch.zeros(reached.shape[0], dtype=torch.long, device=reached.device)
+        offsets[1:] = reached.sum(dim=-1).cumsum(0)[:-1]
+        self.remember_kept_codes(feature_acts, columns, feature_acts[rows, columns], offsets)  # type: ignore[attr-defined]
+        return feature_acts, hidden_pre
