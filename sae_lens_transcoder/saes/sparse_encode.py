@@ -1,4 +1,4 @@
-"""The encoder matmul of TopK-family transcoders, with a backward as sparse as its gradient.
+"""The encoder matmul of TopK-family and JumpReLU transcoders, with a backward as sparse as its gradient.
 
 TopK, BatchTopK and Matryoshka codes pass gradients back to at most ``k`` (plus AuxK's)
 pre-activations per token, so ``dL/d(pre-activations)`` is a few percent dense. Autograd
@@ -10,6 +10,8 @@ under ``GATHER_MAX_COLUMN_DENSITY`` (where gathering stops being faster); the co
 (the dead latents AuxK trains, features that fire on most tokens) go as one dense block. Its
 gradients equal autograd's dense ones (tests check 1e-5).
 """
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -120,3 +122,12 @@ def preacts_with_sparse_grad(
 ) -> torch.Tensor:
     """``(x @ W_enc + b_enc) * scale`` for ``x`` ``[batch, d_in]``, its backward sparse in the gradient."""
     return _PreactsWithSparseGrad.apply(x, W_enc, b_enc, scale)  # type: ignore[no-any-return]
+
+
+def keeps_sae_lens_encode(sae: Any, x: torch.Tensor) -> bool:
+    """Where a sparse training step must run SAELens's own encode: ``decoder_impl: dense``, hooks on
+    ``hook_sae_acts_pre`` (the fused op does not run it), inputs other than ``[batch, d_in]``,
+    autocast and half precision."""
+    hooked = bool(sae.hook_sae_acts_pre._forward_hooks)
+    full_precision = sae.W_enc.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)
+    return sae.cfg.decoder_impl == "dense" or hooked or x.ndim != 2 or not full_precision

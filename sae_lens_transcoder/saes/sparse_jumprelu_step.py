@@ -18,7 +18,7 @@ import torch
 from sae_lens.saes.jumprelu_sae import JumpReLU, JumpReLUTrainingSAEConfig
 
 from sae_lens_transcoder.saes.sparse_decode import SPARSE_DECODE_MAX_DENSITY
-from sae_lens_transcoder.saes.sparse_encode import preacts_with_sparse_grad
+from sae_lens_transcoder.saes.sparse_encode import keeps_sae_lens_encode, preacts_with_sparse_grad
 
 
 class SparseJumpReLUStep:
@@ -35,9 +35,7 @@ class SparseJumpReLUStep:
         is non-zero only at the active codes, and within the window where the straight-through
         estimator reaches the input): SAELens has no seam for the encoder matmul. Hooks on
         ``hook_sae_acts_pre``, autocast and half precision keep SAELens's own encode."""
-        hooked = bool(self.hook_sae_acts_pre._forward_hooks)  # type: ignore[attr-defined]
-        full_precision = self.W_enc.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)
-        if self.cfg.decoder_impl == "dense" or hooked or x.ndim != 2 or not full_precision:  # type: ignore[attr-defined]
+        if keeps_sae_lens_encode(self, x):
             return super().encode_with_hidden_pre(x)  # type: ignore[misc,no-any-return]
         hidden_pre = preacts_with_sparse_grad(self.process_sae_in(x), self.W_enc, self.b_enc)  # type: ignore[attr-defined]
         threshold = self.threshold.to(hidden_pre.dtype)

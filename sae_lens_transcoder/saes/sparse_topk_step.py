@@ -15,7 +15,7 @@ import torch
 from sae_lens.saes.topk_sae import TopK, TopKTrainingSAEConfig
 
 from sae_lens_transcoder.saes.sparse_decode import sparse_topk_aux_loss
-from sae_lens_transcoder.saes.sparse_encode import preacts_with_sparse_grad
+from sae_lens_transcoder.saes.sparse_encode import keeps_sae_lens_encode, preacts_with_sparse_grad
 
 
 class SparseTopKStep:
@@ -31,9 +31,7 @@ class SparseTopKStep:
         reads only the non-zero gradients: SAELens has no seam for the encoder matmul. Hooks on
         ``hook_sae_acts_pre`` (which sees the pre-activations before the rescale), autocast and
         half precision keep SAELens's own encode."""
-        hooked = bool(self.hook_sae_acts_pre._forward_hooks)  # type: ignore[attr-defined]
-        full_precision = self.W_enc.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)
-        if self.cfg.decoder_impl == "dense" or hooked or x.ndim != 2 or not full_precision:  # type: ignore[attr-defined]
+        if keeps_sae_lens_encode(self, x):
             return super().encode_with_hidden_pre(x)  # type: ignore[misc,no-any-return]
         sae_in = self.process_sae_in(x)  # type: ignore[attr-defined]
         scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
