@@ -27,7 +27,8 @@ REQUIRED: dict[str, tuple[object, str]] = {
     # progress bar, which SAELens only moves every 100 steps.
     "MultiSAETrainer._maybe_log_sparsity": (MultiSAETrainer, "_maybe_log_sparsity"),
     "MultiSAETrainer._update_pbar": (MultiSAETrainer, "_update_pbar"),
-    # Overridden by the data-parallel set trainer: the scaling factor of the global stream.
+    # Overridden in the set trainer (its batches are replayed for training) and by the
+    # data-parallel set trainer (the scaling factor of the global stream).
     "MultiSAETrainer._estimate_scaling_factors": (MultiSAETrainer, "_estimate_scaling_factors"),
     # Overridden in the transcoder trainer: it resizes the firing counts to cfg.d_sae, not a CLT's
     # number of features.

@@ -201,6 +201,7 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
                 evaluator=self.evaluator,
                 save_checkpoint_fn=self.save_checkpoint,
                 stop_requested=stop.received,
+                replayed_batches=self.data_position.replayed,
             )
             if cfg.resume_from_checkpoint is not None:
                 logger.info("resuming from %s", cfg.resume_from_checkpoint)

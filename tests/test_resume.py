@@ -120,12 +120,21 @@ class _SignalAt(TrainingTranscoder):
         return super().training_forward_pass(step_input)
 
 
-@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+# The scale estimate reads 20 batches that are then replayed for training: a stop at step 13
+# falls inside the replay.
+INSIDE_THE_REPLAYED_ESTIMATE = {"n_batches_for_norm_estimate": 20, "sae": {"normalize_activations": "expected_average_only_in"}}
+
+
+@pytest.mark.parametrize(
+    ("signal_number", "settings"),
+    [(signal.SIGTERM, {}), (signal.SIGINT, {}), (signal.SIGTERM, INSIDE_THE_REPLAYED_ESTIMATE)],
+    ids=["SIGTERM", "SIGINT", "SIGTERM-inside-replayed-estimate"],
+)
 def test_signal_mid_step_stops_after_it_and_resume_is_bit_identical(
-    make_runner_config: MakeConfig, dataset: Dataset, tmp_path: Path, signal_number: int
+    make_runner_config: MakeConfig, dataset: Dataset, tmp_path: Path, signal_number: int, settings: dict[str, Any]
 ) -> None:
-    full = _train(_config(make_runner_config, tmp_path, "full", n_checkpoints=0), dataset)
-    cfg = _config(make_runner_config, tmp_path, "stopped", n_checkpoints=0)
+    full = _train(_config(make_runner_config, tmp_path, "full", n_checkpoints=0, **settings), dataset)
+    cfg = _config(make_runner_config, tmp_path, "stopped", n_checkpoints=0, **settings)
     with temporary_seed(cfg.seed + 1):  # the initial weights the runner draws for layer 1
         stopping = _SignalAt(cfg.sae)
     stopping.signal_number = signal_number
@@ -139,10 +148,37 @@ def test_signal_mid_step_stops_after_it_and_resume_is_bit_identical(
     assert not Path(cfg.output_path).exists()  # type: ignore[arg-type]
     assert signal.getsignal(signal_number) is not None and signal.getsignal(signal_number) != stopping  # handlers restored
     resumed = _train(
-        _config(make_runner_config, tmp_path, "resumed", n_checkpoints=0, resume_from_checkpoint=str(stopped.value.checkpoint)),
+        _config(make_runner_config, tmp_path, "resumed", n_checkpoints=0, resume_from_checkpoint=str(stopped.value.checkpoint), **settings),
         dataset,
     )
     _assert_same_weights(resumed.sae, full.sae)
+
+
+class _RecordsBatches(TrainingTranscoder):
+    """Keeps every packed batch it is trained on."""
+
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        self.__dict__.setdefault("seen", []).append(step_input.sae_in.detach().clone())
+        return super().training_forward_pass(step_input)
+
+
+def test_the_scale_estimate_batches_are_trained_on_not_dropped(
+    make_runner_config: MakeConfig, dataset: Dataset, tmp_path: Path
+) -> None:
+    # SAELens draws the estimate's batches from the training stream and drops them; here a
+    # scaled run trains on exactly the batches an unscaled one does, and computes no more.
+    runs = {}
+    for name, sae in [("unscaled", {}), ("scaled", {"normalize_activations": "expected_average_only_in"})]:
+        cfg = _config(make_runner_config, tmp_path, name, n_checkpoints=0, n_batches_for_norm_estimate=5, sae=sae)
+        recorder = _RecordsBatches(cfg.sae)
+        runs[name] = (_train(cfg, dataset, sae=recorder), recorder.seen)
+    (unscaled, plain), (scaled, seen) = runs["unscaled"], runs["scaled"]
+    assert len(seen) == len(plain) == N_STEPS
+    factor = float(seen[0].norm() / plain[0].norm())  # the scale, folded away once training ends
+    assert abs(factor - 1) > 0.1
+    for step, (batch, reference) in enumerate(zip(seen, plain, strict=True)):
+        torch.testing.assert_close(batch / factor, reference, msg=lambda m, step=step: f"step {step}: {m}")
+    assert scaled.activations_store.n_llm_batches_drawn == unscaled.activations_store.n_llm_batches_drawn
 
 
 LOAD_CHECKPOINT_WITHOUT_PLUGIN = """

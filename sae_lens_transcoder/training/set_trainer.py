@@ -4,13 +4,15 @@ activation stream, exact to stop and resume. A single transcoder is the set of o
 Each transcoder keeps its own :class:`TranscoderTrainer` (optimizer, schedules, scaler,
 dead-feature counters); the coordinator adds what ``TranscoderTrainer`` adds to one run:
 stop requests honoured between steps after a checkpoint, resumed checkpoint thresholds,
-checkpoint directories that appear whole, and progress from the first step.
+checkpoint directories that appear whole, progress from the first step, and training on the
+batches the activation-scale estimate reads.
 """
 
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,16 @@ class TranscoderSetTrainer(MultiSAETrainer):
     trainers: dict[str, TranscoderTrainer]  # type: ignore[assignment]
     trainer_class: type[TranscoderTrainer] = TranscoderTrainer
 
-    def __init__(self, *args: Any, stop_requested: Callable[[], int | None] = lambda: None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        stop_requested: Callable[[], int | None] = lambda: None,
+        replayed_batches: Callable[[], AbstractContextManager[None]] = nullcontext,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.stop_requested = stop_requested
+        self.replayed_batches = replayed_batches
         # MultiSAETrainer builds plain SAETrainers inline (no trainer seam): rebuild them as
         # ours with the same per-transcoder config it gave them.
         per_sae_cfg = replace(self.cfg, n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False)
@@ -38,6 +47,13 @@ class TranscoderSetTrainer(MultiSAETrainer):
             name: self.trainer_class(cfg=per_sae_cfg, sae=sae, data_provider=iter(()))
             for name, sae in self.saes.items()
         }
+
+    def _estimate_scaling_factors(self) -> None:
+        # Overrides a private: SAELens estimates the activation scale from the first
+        # n_batches_for_norm_estimate training batches and then drops them; replayed, they are
+        # trained on too, so no LLM batch is computed for nothing.
+        with self.replayed_batches():
+            super()._estimate_scaling_factors()
 
     def _maybe_log_sparsity(self, final: bool = False) -> None:
         # Overrides a private: it runs first in every iteration of fit, between two steps.

@@ -7,8 +7,9 @@ mixing, serve the rest in batches) with its own ``torch.Generator``, and hands o
 batch an immutable :class:`StreamState` of everything needed to continue from there.
 """
 
+from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -144,10 +145,26 @@ class TrackedBatches(Iterator[T]):
         self.source = source
         self.state = start
         self.split = split
+        self._replay: deque[tuple[torch.Tensor, StreamState]] = deque()
+        self._recording: list[tuple[torch.Tensor, StreamState]] | None = None
 
     def __next__(self) -> T:
-        batch, self.state = next(self.source)
+        batch, self.state = self._replay.popleft() if self._replay else next(self.source)
+        if self._recording is not None:
+            self._recording.append((batch, self.state))
         return self.split(batch)
+
+    @contextmanager
+    def replayed(self) -> Iterator[None]:
+        """Batches handed out inside are handed out again, in order, afterwards, and the
+        position moves back to where it was: a look at what comes next that trains on it all."""
+        start, self._recording = self.state, []
+        try:
+            yield
+        finally:
+            recorded, self._recording = self._recording, None
+            self._replay.extendleft(reversed(recorded))
+            self.state = start
 
     def paused(self) -> AbstractContextManager[None]:
         """Stop a prefetching source while the model is used for something else (evals)."""
