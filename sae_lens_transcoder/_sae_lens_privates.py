@@ -11,6 +11,7 @@ import torch
 from sae_lens import llm_sae_training_runner
 from sae_lens.llm_sae_training_runner import LanguageModelSAETrainingRunner
 from sae_lens.training.activations_store import ActivationsStore
+from sae_lens.saes.matryoshka_batchtopk_sae import MatryoshkaBatchTopKTrainingSAE
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from sae_lens.training.sae_trainer import SAETrainer
 
@@ -30,6 +31,8 @@ REQUIRED: dict[str, tuple[object, str]] = {
     # Overridden in the set trainer (its batches are replayed for training) and by the
     # data-parallel set trainer (the scaling factor of the global stream).
     "MultiSAETrainer._estimate_scaling_factors": (MultiSAETrainer, "_estimate_scaling_factors"),
+    # Overridden in the Matryoshka transcoders: their nested decodes, gathered (no seam for the matmul).
+    "MatryoshkaBatchTopKTrainingSAE._iterable_decode": (MatryoshkaBatchTopKTrainingSAE, "_iterable_decode"),
     # Overridden in the transcoder trainer: it resizes the firing counts to cfg.d_sae, not a CLT's
     # number of features.
     "SAETrainer._reset_running_sparsity_stats": (SAETrainer, "_reset_running_sparsity_stats"),

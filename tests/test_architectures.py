@@ -286,6 +286,33 @@ def test_the_sparse_decode_equals_the_dense_one_in_forward_and_gradients(arch: s
         torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("arch", ["matryoshka_batchtopk_transcoder", "matryoshka_batchtopk_skip_transcoder"])
+def test_matryoshka_nested_sparse_decodes_equal_sae_lens_dense_ones_with_its_aux_loss_and_rescale(arch: str) -> None:
+    """Three levels, codes rescaled by the decoder norms and the per-level AuxK (which decodes
+    every level once more): the gathered nested decodes give SAELens's losses and gradients."""
+    sae_cls, cfg_cls = TRAINING_CLASSES[arch]
+    x, y = torch.randn(64, 16), torch.randn(64, 12)
+    dead = torch.arange(64) % 3 == 0
+    results = []
+    for impl in ("dense", "sparse"):
+        torch.manual_seed(2)
+        sae = sae_cls(cfg_cls(
+            d_in=16, d_sae=64, d_out=12, k=4, matryoshka_widths=[8, 24, 64], use_matryoshka_aux_loss=True,
+            rescale_acts_by_decoder_norm=True, decoder_impl=impl,
+        ))
+        with torch.no_grad():
+            sae.W_dec.mul_(torch.rand(64, 1) + 0.5)  # decoder norms other than 1, so the rescale matters
+        out = _step(sae, x, y, dead)
+        out.loss.backward()
+        results.append((out.losses, {name: p.grad for name, p in sae.named_parameters()}))
+    (dense_losses, dense_grads), (sparse_losses, sparse_grads) = results
+    assert set(dense_losses) == set(sparse_losses) and "inner_mse_loss_24" in dense_losses
+    for name, loss in dense_losses.items():
+        torch.testing.assert_close(sparse_losses[name], loss, rtol=1e-5, atol=1e-5, msg=name)
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
 TOPK_FAMILY = [arch for arch in EXACT_SPARSE if "topk" in arch]
 
 

@@ -33,7 +33,7 @@ from typing_extensions import override
 
 from sae_lens_transcoder.distributed.layers import LAYER_MODES, LayerMode
 from sae_lens_transcoder.distributed.replicas import mean_across_replicas
-from sae_lens_transcoder.saes.sparse_decode import SPARSE_DECODE_MAX_DENSITY, decode_gathered, densest_row, sparse_decode
+from sae_lens_transcoder.saes.sparse_decode import SPARSE_DECODE_MAX_DENSITY, code_density, decode_gathered, sparse_decode
 from sae_lens_transcoder.training.checkpoint_view import training_weights_file
 
 SUPPORTED_NORMALIZATIONS = ("none", "expected_average_only_in")
@@ -263,10 +263,9 @@ class TranscoderMixin:
         if kept is not None and kept[0] is feature_acts:  # only the sparse encode remembers codes
             out = decode_gathered(kept[1], kept[2], self.W_dec, rescale, kept[3]) + self.b_dec
             return self._finish_decode(out)
-        kmax = self._sparse_decode_width(feature_acts)
-        if kmax is None:
+        if not self._decodes_sparse(feature_acts):
             return super().decode(feature_acts)  # type: ignore[misc]
-        return self._finish_decode(sparse_decode(feature_acts, self.W_dec, kmax, rescale) + self.b_dec)
+        return self._finish_decode(sparse_decode(feature_acts, self.W_dec, rescale) + self.b_dec)
 
     def _finish_decode(self, out: torch.Tensor) -> torch.Tensor:
         # What SAELens's decode does after its matmul.
@@ -274,15 +273,12 @@ class TranscoderMixin:
         out = self.run_time_activation_norm_fn_out(out)  # type: ignore[attr-defined]
         return self.reshape_fn_out(out, self.d_head)  # type: ignore[attr-defined]
 
-    def _sparse_decode_width(self, feature_acts: torch.Tensor) -> int | None:
-        """``kmax`` when the sparse decode should run on ``feature_acts``, else None."""
+    def _decodes_sparse(self, feature_acts: torch.Tensor) -> bool:
+        """Whether the sparse decode should run on ``feature_acts``."""
         impl = self.cfg.decoder_impl
         if impl == "dense" or not self.cfg.sparse_decode_exact or feature_acts.ndim != 2 or feature_acts.is_sparse:
-            return None
-        kmax = densest_row(feature_acts)
-        if impl == "auto" and kmax > SPARSE_DECODE_MAX_DENSITY * self.cfg.d_sae:
-            return None
-        return kmax
+            return False
+        return impl == "sparse" or code_density(feature_acts) <= SPARSE_DECODE_MAX_DENSITY
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.decode(self.encode(x))  # type: ignore[attr-defined]

@@ -43,6 +43,7 @@ from typing_extensions import override
 from sae_lens_transcoder.distributed.replicas import min_across_replicas
 from sae_lens_transcoder.saes.mixin import TranscoderConfigMixin, TranscoderMixin, TranscoderTrainingCore
 from sae_lens_transcoder.saes.sparse_jumprelu_step import SparseJumpReLUStep
+from sae_lens_transcoder.saes.sparse_matryoshka_decode import SparseMatryoshkaDecode
 from sae_lens_transcoder.saes.sparse_topk_step import SparseTopKStep
 from sae_lens_transcoder.saes.topk_transcoder import TOPK_SKIP_TRANSCODER, TOPK_TRANSCODER
 
@@ -218,7 +219,12 @@ class MatryoshkaBatchTopKTrainingTranscoderConfig(TranscoderConfigMixin, Matryos
 
 
 class MatryoshkaBatchTopKTrainingTranscoder(  # type: ignore[misc]
-    TranscoderMixin, _ThresholdFromFirstBatch, SparseTopKStep, MatryoshkaBatchTopKTrainingSAE, TranscoderTrainingCore
+    TranscoderMixin,
+    _ThresholdFromFirstBatch,
+    SparseTopKStep,
+    SparseMatryoshkaDecode,
+    MatryoshkaBatchTopKTrainingSAE,
+    TranscoderTrainingCore,
 ):
     cfg: MatryoshkaBatchTopKTrainingTranscoderConfig  # type: ignore[assignment]
 
