@@ -13,6 +13,7 @@ import pytest
 import torch
 from datasets import Dataset
 from sae_lens import LanguageModelSAERunnerConfig
+from sae_lens.saes.batchtopk_sae import BatchTopK
 from sae_lens.saes.sae import SAE, SAEMetadata, TrainStepInput, TrainStepOutput
 from sae_lens.saes.transcoder import SkipTranscoder, SkipTranscoderConfig
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -20,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sae_lens_transcoder import TranscoderTrainingRunner
 from sae_lens_transcoder.evals import evaluate_spliced
 from sae_lens_transcoder.hooks import ensure_mlp_hook_in
+from sae_lens_transcoder.saes.batch_topk_select import batch_topk_codes
 from sae_lens_transcoder.saes.topk_transcoder import TOPK_SKIP_TRANSCODER, TOPK_TRANSCODER
 from sae_lens_transcoder.saes.transcoder import (
     TRAINING_CLASSES,
@@ -346,6 +348,24 @@ def test_sparse_encoder_gradient_and_auxk_equal_sae_lens_dense_step_at_real_spar
         torch.testing.assert_close(fast_out.losses[name], loss, rtol=1e-5, atol=1e-6, msg=name)
     for name, grad in dense_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("crowded_rows", [0, 3])
+def test_the_row_wise_batch_topk_selection_keeps_what_sae_lens_batch_topk_keeps(crowded_rows: int) -> None:
+    """The candidates are each row's top 8k; a crowded row (more than 8k of the batch's kept
+    codes) must take part with all of its codes."""
+    hidden_pre = torch.randn(128, 1024, generator=torch.Generator().manual_seed(0))
+    hidden_pre[:crowded_rows] += 4.0  # each of these rows alone holds hundreds of the batch's top codes
+    codes = batch_topk_codes(hidden_pre, 8)
+    assert codes is not None
+    rows, columns, values = codes
+    selected = torch.zeros_like(hidden_pre).index_put((rows, columns), values)
+    torch.testing.assert_close(selected, BatchTopK(8)(hidden_pre), rtol=0, atol=0)
+    assert bool((rows.diff() >= 0).all())  # row by row, as the decode's bags need
+    if crowded_rows:
+        assert int((rows == 0).sum()) > 8 * 8
+    # Fewer positive codes than k * batch: SAELens's selection, which keeps zeros, must run.
+    assert batch_topk_codes(-hidden_pre.abs() - 1, 8) is None
 
 
 @pytest.mark.parametrize("arch", ["topk_transcoder", "batchtopk_skip_transcoder"])

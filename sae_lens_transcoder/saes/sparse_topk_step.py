@@ -7,13 +7,16 @@ AuxK codes carry a gradient. This mixin sits before the SAELens class in a trans
 replaces both with equal computations (tests: losses and gradients 1e-5): AuxK over the dead
 columns only (``sparse_decode.sparse_topk_aux_loss``) and the gathered backward (``sparse_encode``).
 A TopK activation also hands the decode the codes it kept, which the decode would otherwise
-find again with a second top-k over ``[batch, d_sae]``.
+find again with a second top-k over ``[batch, d_sae]``; BatchTopK selects its codes row-wise
+first (``batch_topk_select``) and hands them on too.
 ``decoder_impl: dense`` keeps SAELens's own step.
 """
 
 import torch
+from sae_lens.saes.batchtopk_sae import BatchTopK
 from sae_lens.saes.topk_sae import TopK, TopKTrainingSAEConfig
 
+from sae_lens_transcoder.saes.batch_topk_select import batch_topk_codes
 from sae_lens_transcoder.saes.sparse_decode import sparse_topk_aux_loss
 from sae_lens_transcoder.saes.sparse_encode import keeps_sae_lens_encode, preacts_with_sparse_grad
 
@@ -39,6 +42,12 @@ class SparseTopKStep:
         activation = self.activation_fn  # type: ignore[attr-defined]
         # A hook on the codes may change them, and then the decode must read what it returned.
         codes_hooked = bool(self.hook_sae_acts_post._forward_hooks)  # type: ignore[attr-defined]
+        if type(activation) is BatchTopK and not codes_hooked and (codes := batch_topk_codes(hidden_pre, activation.k)):
+            rows, columns, values = codes
+            feature_acts = torch.zeros_like(hidden_pre).index_put((rows, columns), values)
+            per_row = torch.bincount(rows, minlength=hidden_pre.shape[0])
+            self.remember_kept_codes(feature_acts, columns, values, per_row.cumsum(0) - per_row)  # type: ignore[attr-defined]
+            return self.hook_sae_acts_post(feature_acts), hidden_pre  # type: ignore[attr-defined]
         if type(activation) is not TopK or activation.use_sparse_activations or codes_hooked:
             return self.hook_sae_acts_post(activation(hidden_pre)), hidden_pre  # type: ignore[attr-defined]
         # SAELens's TopK, with the kept indices and values in hand: its module returns only the dense codes.
