@@ -12,8 +12,10 @@ from the fraction of non-zero codes (see ``SPARSE_DECODE_MAX_DENSITY``).
 import torch
 import torch.nn.functional as F
 
-# Above this fraction of the batch's codes non-zero, the dense matmul is faster.
-# Measured on 2 CPU cores at d_sae 4608, d_out 576, batch 1024 (benchmarks/sparse_decode.py).
+# Above this fraction of the batch's codes non-zero the dense decode runs. Whole TopK steps crossed
+# near 5% (2 CPU cores, d_sae 4608, d_out 576, batch 1024: benchmarks/sparse_decode.py); the bag
+# decode alone, forward and backward on one thread with uneven rows, is 2.2x faster at 5% and
+# crosses near 12%, so 5% errs on the dense side. Training codes are ~1% dense.
 SPARSE_DECODE_MAX_DENSITY = 0.05
 # AuxK keeps k_aux of the n_dead dead latents per row; above this fraction a dense decode of the
 # dead columns (zeros where not kept) beats gathering. Measured at batch 1024, d_out 576, k_aux
