@@ -39,6 +39,10 @@ def plot_pareto(
         points = sorted((float(r["l0"]), float(r[y_key])) for r in rows)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     ax.set_xscale("log")
+    low, high = ax.get_xlim()
+    if high / low < 4:  # a narrow log axis labels its minor ticks on top of each other: widen it
+        middle = (low * high) ** 0.5
+        ax.set_xlim(middle / 2, middle * 2)
     ax.set_xlabel("L0 (active features per token)")
     ax.set_ylabel(y_label)
     # Outside the axes: with many series an inside legend hides points.
