@@ -53,10 +53,11 @@ what they do with it:
   (no shuffling, 8 rows a step);
 * ours and SAELens's read those rows and a little more: each step draws ``--batch``
   activations from a shuffle buffer (``n_batches_in_buffer`` 64: 8192 activations, half kept
-  for mixing), the first 20 batches drawn go to the normalisation estimate (not trained
-  on), and the buffer is topped up ahead of the trainer. So they train on ``--tokens``
-  activations shuffled within a window of ~8k, from rows ``[0, n + ~210)`` of the stream
-  (n = the file's rows; about +3% at the default budget), the last buffered ones unused.
+  for mixing), the first 20 batches drawn go to the normalisation estimate (SAELens's then
+  drops them; ours trains on them too, since this release), and the buffer is topped up
+  ahead of the trainer. So they train on ``--tokens`` activations shuffled within a window of
+  ~8k, from rows ``[0, n + ~40)`` of the stream for ours and ``[0, n + ~210)`` for SAELens's
+  (n = the file's rows: +0.6% and +3% at the default budget), the last buffered ones unused.
   Our store shuffles with its own seeded generator, SAELens's mixing buffer with torch's
   global RNG, so the order differs between the two.
 
