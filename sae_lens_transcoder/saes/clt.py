@@ -44,7 +44,7 @@ from sae_lens_transcoder.distributed.collectives import sum_over_ranks
 from sae_lens_transcoder.distributed.shard_topk import batch_topk_across_shards, min_over_shards, topk_across_shards
 from sae_lens_transcoder.distributed.world import World
 from sae_lens_transcoder.saes.mixin import TranscoderConfigMixin
-from sae_lens_transcoder.saes.sparse_decode import SPARSE_DECODE_MAX_DENSITY, code_density, sparse_decode
+from sae_lens_transcoder.saes.sparse_decode import decodes_sparse, sparse_decode
 
 
 @dataclass
@@ -253,7 +253,7 @@ class TrainingCrossLayerTranscoder(TrainingSAE[TrainingCLTConfig]):
         out = self.b_dec.new_zeros(*batch, *self.b_dec.shape) if sharded else self.b_dec.expand(*batch, -1, -1).clone()
         for i, decoder in enumerate(self.W_dec):
             acts = feature_acts[..., i, :]
-            if not self._decodes_sparse(acts):
+            if not decodes_sparse(self.cfg.decoder_impl, self.cfg.sparse_decode_exact, acts):
                 written = torch.einsum("...s,sjd->...jd", acts, decoder)
             else:
                 flat = sparse_decode(acts.reshape(-1, acts.shape[-1]), decoder.flatten(1))
@@ -268,12 +268,6 @@ class TrainingCrossLayerTranscoder(TrainingSAE[TrainingCLTConfig]):
         if self.feature_shards is None:
             return partial
         return sum_over_ranks(partial, self.feature_shards)
-
-    def _decodes_sparse(self, acts: torch.Tensor) -> bool:
-        impl = self.cfg.decoder_impl
-        if impl == "dense" or not self.cfg.sparse_decode_exact:
-            return False
-        return impl == "sparse" or code_density(acts) <= SPARSE_DECODE_MAX_DENSITY
 
     def decoder_norms(self) -> torch.Tensor:
         """``[L, d_sae]``: each feature's decoder norm over every layer it writes to."""

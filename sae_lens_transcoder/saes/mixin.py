@@ -33,7 +33,7 @@ from typing_extensions import override
 
 from sae_lens_transcoder.distributed.layers import LAYER_MODES, LayerMode
 from sae_lens_transcoder.distributed.replicas import mean_across_replicas
-from sae_lens_transcoder.saes.sparse_decode import SPARSE_DECODE_MAX_DENSITY, code_density, decode_gathered, sparse_decode
+from sae_lens_transcoder.saes.sparse_decode import decode_gathered, decodes_sparse, sparse_decode
 from sae_lens_transcoder.training.checkpoint_view import training_weights_file
 
 SUPPORTED_NORMALIZATIONS = ("none", "expected_average_only_in")
@@ -275,10 +275,9 @@ class TranscoderMixin:
 
     def _decodes_sparse(self, feature_acts: torch.Tensor) -> bool:
         """Whether the sparse decode should run on ``feature_acts``."""
-        impl = self.cfg.decoder_impl
-        if impl == "dense" or not self.cfg.sparse_decode_exact or feature_acts.ndim != 2 or feature_acts.is_sparse:
+        if feature_acts.ndim != 2 or feature_acts.is_sparse:
             return False
-        return impl == "sparse" or code_density(feature_acts) <= SPARSE_DECODE_MAX_DENSITY
+        return decodes_sparse(self.cfg.decoder_impl, self.cfg.sparse_decode_exact, feature_acts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.decode(self.encode(x))  # type: ignore[attr-defined]

@@ -23,9 +23,18 @@ SPARSE_DECODE_MAX_DENSITY = 0.05
 AUXK_DENSE_MIN_FILL = 0.2
 
 
-def code_density(acts: torch.Tensor) -> float:
-    """The fraction of the codes of ``acts`` that are non-zero."""
-    return float((acts != 0).sum()) / acts.numel() if acts.numel() else 0.0
+def decodes_sparse(decoder_impl: str, exact: bool, acts: torch.Tensor) -> bool:
+    """Whether a training decode of ``acts`` should gather its codes (``sparse``, or ``auto`` at
+    most ``SPARSE_DECODE_MAX_DENSITY`` non-zero), where gathering is ``exact`` for the architecture."""
+    if decoder_impl == "dense" or not exact:
+        return False
+    return decoder_impl == "sparse" or float((acts != 0).sum()) <= SPARSE_DECODE_MAX_DENSITY * acts.numel()
+
+
+def bag_offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Where each row's bag starts among codes listed row by row (``rows`` sorted), for ``embedding_bag``."""
+    per_row = torch.bincount(rows, minlength=n_rows)
+    return per_row.cumsum(0) - per_row
 
 
 def decode_gathered(
@@ -47,8 +56,7 @@ def sparse_decode(acts: torch.Tensor, W_dec: torch.Tensor, rescale_by_decoder_no
     """``acts @ W_dec`` (with ``acts / ||W_dec||`` first when rescaling, as SAELens's TopK
     decode), for ``acts`` ``[batch, d_sae]``, from its non-zero codes alone."""
     rows, columns = acts.nonzero().unbind(1)  # row by row, as the bags need
-    per_row = torch.bincount(rows, minlength=acts.shape[0])
-    return decode_gathered(columns, acts[rows, columns], W_dec, rescale_by_decoder_norm, per_row.cumsum(0) - per_row)
+    return decode_gathered(columns, acts[rows, columns], W_dec, rescale_by_decoder_norm, bag_offsets(rows, acts.shape[0]))
 
 
 def sparse_topk_aux_loss(

@@ -17,7 +17,7 @@ non-zeros too (``sparse_encode``, as the TopK family's step).
 import torch
 from sae_lens.saes.jumprelu_sae import JumpReLU, JumpReLUTrainingSAEConfig
 
-from sae_lens_transcoder.saes.sparse_decode import SPARSE_DECODE_MAX_DENSITY
+from sae_lens_transcoder.saes.sparse_decode import SPARSE_DECODE_MAX_DENSITY, bag_offsets
 from sae_lens_transcoder.saes.sparse_encode import keeps_sae_lens_encode, preacts_with_sparse_grad
 
 
@@ -50,7 +50,6 @@ class SparseJumpReLUStep:
         if columns.numel() > SPARSE_DECODE_MAX_DENSITY * reached.numel():
             return feature_acts, hidden_pre
         # Each token's codes as one bag of variable length: rows have as many as they reach, unpadded.
-        offsets = torch.zeros(reached.shape[0], dtype=torch.long, device=reached.device)
-        offsets[1:] = reached.sum(dim=-1).cumsum(0)[:-1]
+        offsets = bag_offsets(rows, reached.shape[0])
         self.remember_kept_codes(feature_acts, columns, feature_acts[rows, columns], offsets)  # type: ignore[attr-defined]
         return feature_acts, hidden_pre

@@ -14,7 +14,7 @@ from collections.abc import Generator
 import torch
 from sae_lens.saes.matryoshka_batchtopk_sae import MatryoshkaBatchTopKTrainingSAEConfig
 
-from sae_lens_transcoder.saes.sparse_decode import decode_gathered
+from sae_lens_transcoder.saes.sparse_decode import bag_offsets, decode_gathered
 
 
 class SparseMatryoshkaDecode:
@@ -39,7 +39,7 @@ class SparseMatryoshkaDecode:
         decoded, previous = self.b_dec, 0
         for width in widths:
             level = (columns >= previous) & (columns < width)
-            per_row = torch.bincount(rows[level], minlength=feature_acts.shape[0])
-            decoded = decode_gathered(columns[level], values[level], self.W_dec, offsets=per_row.cumsum(0) - per_row) + decoded
+            offsets = bag_offsets(rows[level], feature_acts.shape[0])
+            decoded = decode_gathered(columns[level], values[level], self.W_dec, offsets=offsets) + decoded
             previous = width
             yield width, self.run_time_activation_norm_fn_out(decoded)  # type: ignore[attr-defined]

@@ -17,7 +17,7 @@ from sae_lens.saes.batchtopk_sae import BatchTopK
 from sae_lens.saes.topk_sae import TopK, TopKTrainingSAEConfig
 
 from sae_lens_transcoder.saes.batch_topk_select import batch_topk_codes
-from sae_lens_transcoder.saes.sparse_decode import sparse_topk_aux_loss
+from sae_lens_transcoder.saes.sparse_decode import bag_offsets, sparse_topk_aux_loss
 from sae_lens_transcoder.saes.sparse_encode import keeps_sae_lens_encode, preacts_with_sparse_grad
 
 
@@ -45,8 +45,7 @@ class SparseTopKStep:
         if type(activation) is BatchTopK and not codes_hooked and (codes := batch_topk_codes(hidden_pre, activation.k)):
             rows, columns, values = codes
             feature_acts = torch.zeros_like(hidden_pre).index_put((rows, columns), values)
-            per_row = torch.bincount(rows, minlength=hidden_pre.shape[0])
-            self.remember_kept_codes(feature_acts, columns, values, per_row.cumsum(0) - per_row)  # type: ignore[attr-defined]
+            self.remember_kept_codes(feature_acts, columns, values, bag_offsets(rows, hidden_pre.shape[0]))  # type: ignore[attr-defined]
             return self.hook_sae_acts_post(feature_acts), hidden_pre  # type: ignore[attr-defined]
         if type(activation) is not TopK or activation.use_sparse_activations or codes_hooked:
             return self.hook_sae_acts_post(activation(hidden_pre)), hidden_pre  # type: ignore[attr-defined]
