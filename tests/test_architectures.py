@@ -350,6 +350,38 @@ def test_sparse_encoder_gradient_and_auxk_equal_sae_lens_dense_step_at_real_spar
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("aux_loss_coefficient", [1.0, 0.0])
+@pytest.mark.parametrize("n_dead", [20, 200])
+@pytest.mark.parametrize("arch", TOPK_FAMILY)
+def test_a_topk_family_step_never_makes_the_dense_pre_activation_gradient(
+    arch: str, n_dead: int, aux_loss_coefficient: float
+) -> None:
+    """The kept codes and AuxK's dead columns (a dense block at 20 dead, gathered at 200) take
+    their gradients from the pre-activations they read, so no gradient reaches the whole
+    ``[batch, d_sae]`` ``hidden_pre``, yet the encoder gets SAELens's gradient. Matryoshka's
+    per-level AuxK reads ``hidden_pre`` itself, and there the whole gradient must arrive."""
+    sae_cls, cfg_cls = TRAINING_CLASSES[arch]
+    settings = {**SETTINGS[arch], "k": 8, "aux_loss_coefficient": aux_loss_coefficient}
+    if "matryoshka" in arch:
+        settings |= {"matryoshka_widths": [128, 1024], "use_matryoshka_aux_loss": aux_loss_coefficient > 0}
+    x, y = torch.randn(256, 16), torch.randn(256, 12)
+    dead = torch.zeros(1024, dtype=torch.bool)
+    dead[torch.randperm(1024, generator=torch.Generator().manual_seed(0))[:n_dead]] = True
+    grads = []
+    for impl in ("dense", "auto"):
+        torch.manual_seed(1)
+        sae = sae_cls(cfg_cls(d_in=16, d_sae=1024, d_out=12, decoder_impl=impl, **settings))
+        out = _step(sae, x, y, dead)
+        assert (out.losses["auxiliary_reconstruction_loss"] > 0) == (aux_loss_coefficient > 0)
+        reached: list[torch.Tensor] = []
+        out.hidden_pre.register_hook(reached.append)
+        out.loss.backward()
+        grads.append(sae.W_enc.grad)
+    whole_gradient_expected = "matryoshka" in arch and aux_loss_coefficient > 0
+    assert bool(reached) == whole_gradient_expected
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("crowded_rows", [0, 3])
 def test_the_row_wise_batch_topk_selection_keeps_what_sae_lens_batch_topk_keeps(crowded_rows: int) -> None:
     """The candidates are each row's top 8k; a crowded row (more than 8k of the batch's kept

@@ -22,7 +22,8 @@ CANDIDATES_PER_K = 8
 
 def batch_topk_codes(hidden_pre: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Rows, columns and values of the codes SAELens's ``BatchTopK(k)`` keeps in ``hidden_pre``
-    ``[batch, d_sae]``, row by row (values carry the gradient), or None where it must run itself."""
+    ``[batch, d_sae]``, row by row (values read from ``hidden_pre``, with its gradient if it has one), or None
+    where it must run itself."""
     batch, d_sae = hidden_pre.shape
     n_keep = int(k * batch)
     n_candidates = CANDIDATES_PER_K * math.ceil(k)

@@ -12,6 +12,8 @@ from the fraction of non-zero codes (see ``SPARSE_DECODE_MAX_DENSITY``).
 import torch
 import torch.nn.functional as F
 
+from sae_lens_transcoder.saes.sparse_encode import EncoderPreacts
+
 # Above this fraction of the batch's codes non-zero the dense decode runs. Whole TopK steps crossed
 # near 5% (2 CPU cores, d_sae 4608, d_out 576, batch 1024: benchmarks/sparse_decode.py); the bag
 # decode alone, forward and backward on one thread with uneven rows, is 2.2x faster at 5% and
@@ -65,19 +67,31 @@ def sparse_topk_aux_loss(
     dead_neuron_mask: torch.Tensor,
     W_dec: torch.Tensor,
     rescale_by_decoder_norm: bool = False,
+    preacts: EncoderPreacts | None = None,
 ) -> torch.Tensor:
     """SAELens's AuxK loss before its coefficient and scale: the ``d_out // 2`` largest
     pre-activations of dead latents (at most all of them) reconstruct ``residual``. The
     top-k runs over the dead columns only and they are decoded by gathering, where SAELens
     takes the top-k over a ``[batch, d_sae]`` copy and decodes it with a dense matmul. Where the
     kept codes fill most of the dead columns they are decoded as one dense ``[batch, n_dead]``
-    block instead (all of them when there are no more dead latents than ``k_aux``)."""
+    block instead (all of them when there are no more dead latents than ``k_aux``). With the
+    step's ``preacts`` (of which ``hidden_pre`` is the whole), the gradient reaches the encoder
+    from the kept codes or the dead columns alone (``EncoderPreacts``)."""
     dead = dead_neuron_mask.nonzero().squeeze(1)
     k_aux = min(residual.shape[-1] // 2, dead.numel())
-    dead_pre = hidden_pre.index_select(-1, dead)
+    gathered = k_aux < AUXK_DENSE_MIN_FILL * dead.numel()
+    if gathered and preacts is not None:
+        with torch.no_grad():
+            values, which = preacts.values.index_select(-1, dead).topk(k_aux, dim=-1, sorted=False)
+        columns = dead[which]
+        rows = torch.arange(columns.shape[0], device=columns.device).repeat_interleave(k_aux)
+        values = preacts.gather(rows, columns.flatten(), values.flatten()).view_as(columns)
+        recons = decode_gathered(columns, values, W_dec, rescale_by_decoder_norm)
+        return (recons - residual).pow(2).sum(dim=-1).mean()
+    dead_pre = hidden_pre.index_select(-1, dead) if preacts is None else preacts.columns(dead)
     if k_aux < dead.numel():
         values, which = dead_pre.topk(k_aux, dim=-1, sorted=False)
-        if k_aux < AUXK_DENSE_MIN_FILL * dead.numel():
+        if gathered:
             recons = decode_gathered(dead[which], values, W_dec, rescale_by_decoder_norm)
             return (recons - residual).pow(2).sum(dim=-1).mean()
         dead_pre = torch.zeros_like(dead_pre).scatter(-1, which, values)

@@ -4,11 +4,14 @@ TopK, BatchTopK and Matryoshka codes pass gradients back to at most ``k`` (plus 
 pre-activations per token, so ``dL/d(pre-activations)`` is a few percent dense. Autograd
 still computes ``dL/dW_enc = x.T @ G`` as a dense ``[d_in, batch] x [batch, d_sae]`` matmul,
 as costly as the forward, plus a dense pass each for the bias and SAELens's decoder-norm
-rescale. ``preacts_with_sparse_grad`` computes the same forward in one op and, in its
-backward, reads only the non-zeros of ``G`` (gathered once) in the columns whose density is
-under ``GATHER_MAX_COLUMN_DENSITY`` (where gathering stops being faster); the columns above it
-(the dead latents AuxK trains, features that fire on most tokens) go as one dense block. Its
-gradients equal autograd's dense ones (tests check 1e-5).
+rescale. ``EncoderPreacts`` computes the forward once; its ``hidden_pre`` has a backward that
+reads only the non-zeros of ``G`` in the columns whose density is under
+``GATHER_MAX_COLUMN_DENSITY`` (where gathering stops being faster) and the denser columns (the
+dead latents AuxK trains, features that fire on most tokens) as one dense block. A step that
+knows which pre-activations it uses takes them with ``gather`` (the kept codes) and ``columns``
+(AuxK's dead latents) instead: their backward starts from those values alone, so the dense
+``G`` itself (a zero-fill and scatter per top-k, their sum, the scan for its non-zeros) is never
+made. Every gradient equals autograd's dense one (tests check 1e-5).
 """
 
 from typing import Any
@@ -21,99 +24,146 @@ import torch.nn.functional as F
 # 1000 or 2500 dead latents (column densities 29% and 11.5%), one CPU thread.
 GATHER_MAX_COLUMN_DENSITY = 0.2
 
-
-class _PreactsWithSparseGrad(torch.autograd.Function):
-    """``(x @ W_enc + b_enc) * scale`` (no rescale when ``scale`` is None)."""
-
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, scale):  # type: ignore[no-untyped-def,override]
-        raw = torch.addmm(b_enc, x, W_enc)
-        ctx.save_for_backward(x, W_enc, raw if scale is not None else None, scale)
-        return raw if scale is None else raw * scale
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[no-untyped-def,override]
-        x, W_enc, raw, scale = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        # AuxK makes the dead latents' columns dense while the rest stay k-sparse: each column
-        # takes the cheaper route, a dense block above the crossover density, gathering below.
-        rows, cols = grad.nonzero().unbind(1)
-        column_nnz = torch.bincount(cols, minlength=grad.shape[1])
-        dense = column_nnz > GATHER_MAX_COLUMN_DENSITY * grad.shape[0]
-        dense_columns = dense.nonzero().squeeze(1)
-        if dense_columns.numel() == grad.shape[1]:
-            return _dense_grads(grad, x, W_enc, raw, scale, needs)
-        if dense_columns.numel() == 0:
-            return _gathered_grads(grad, rows, cols, column_nnz, x, W_enc, raw, scale, needs)
-        sparse_entries = ~dense[cols]
-        rows, cols = rows[sparse_entries], cols[sparse_entries]
-        grads = _gathered_grads(grad, rows, cols, column_nnz.masked_fill(dense, 0), x, W_enc, raw, scale, needs)
-        block = _dense_grads(
-            grad.index_select(1, dense_columns),
-            x,
-            W_enc.index_select(1, dense_columns),
-            None if raw is None else raw.index_select(1, dense_columns),
-            None if scale is None else scale.index_select(0, dense_columns),
-            needs,
-        )
-        grad_x, grad_W, grad_b, grad_scale = grads
-        block_x, block_W, block_b, block_scale = block
-        return (
-            None if grad_x is None else grad_x + block_x,
-            None if grad_W is None else grad_W.index_copy_(1, dense_columns, block_W),
-            None if grad_b is None else grad_b.index_copy_(0, dense_columns, block_b),
-            None if grad_scale is None else grad_scale.index_copy_(0, dense_columns, block_scale),
-        )
-
-
 Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 
-def _dense_grads(
-    grad: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor, raw: torch.Tensor | None,
-    scale: torch.Tensor | None, needs: tuple[bool, ...],
-) -> Grads:
-    """The gradients of ``(x @ W_enc + b) * scale`` by dense matmuls."""
-    need_x, need_W, need_b, need_scale = needs
-    grad_scale = (grad * raw).sum(0) if need_scale else None
-    grad_raw = grad if scale is None else grad * scale
-    return (
-        grad_raw @ W_enc.T if need_x else None,
-        x.T @ grad_raw if need_W else None,
-        grad_raw.sum(0) if need_b else None,
-        grad_scale,
-    )
+class EncoderPreacts:
+    """One batch's pre-activations ``(x @ W_enc + b_enc) * scale`` (no rescale when ``scale`` is
+    None), computed once without a graph, and three ways to take them with a gradient."""
+
+    def __init__(self, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, scale: torch.Tensor | None = None):
+        with torch.no_grad():
+            raw = torch.addmm(b_enc, x, W_enc)
+            self.values = raw if scale is None else raw * scale
+        self._raw = raw
+        self._params = (x, W_enc, b_enc, scale)
+        self.hidden_pre: torch.Tensor = _WholePreacts.apply(self.values, raw, *self._params)
+
+    def gather(self, rows: torch.Tensor, columns: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+        """The entries ``(rows, columns)`` (``values`` when already read), with a backward over them alone."""
+        if values is None:
+            values = self.values[rows, columns]
+        return _GatheredPreacts.apply(values, rows, columns, self._raw, *self._params)  # type: ignore[no-any-return]
+
+    def columns(self, columns: torch.Tensor) -> torch.Tensor:
+        """``[batch, len(columns)]``, with a dense backward over those columns alone."""
+        return _PreactColumns.apply(self.values.index_select(1, columns), columns, self._raw, *self._params)  # type: ignore[no-any-return]
+
+
+class _WholePreacts(torch.autograd.Function):
+    """``values`` as the whole pre-activations, their gradient taken column by column the cheaper way."""
+
+    @staticmethod
+    def forward(ctx, values, raw, x, W_enc, b_enc, scale):  # type: ignore[no-untyped-def,override]
+        ctx.save_for_backward(raw, x, W_enc, scale)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def,override]
+        raw, x, W_enc, scale = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2:]
+        # AuxK makes the dead latents' columns dense while the rest stay k-sparse: each column
+        # takes the cheaper route, a dense block above the crossover density, gathering below.
+        rows, cols = grad.nonzero().unbind(1)
+        dense = torch.bincount(cols, minlength=grad.shape[1]) > GATHER_MAX_COLUMN_DENSITY * grad.shape[0]
+        if not bool(dense.any()):
+            return None, None, *_gathered_grads(grad[rows, cols], rows, cols, x, W_enc, raw, scale, needs)
+        dense_columns = dense.nonzero().squeeze(1)
+        if dense_columns.numel() == grad.shape[1]:
+            return None, None, *_column_grads(grad, dense_columns, x, W_enc, raw, scale, needs)
+        sparse_entries = ~dense[cols]
+        rows, cols = rows[sparse_entries], cols[sparse_entries]
+        grads = [
+            _gathered_grads(grad[rows, cols], rows, cols, x, W_enc, raw, scale, needs),
+            _column_grads(grad.index_select(1, dense_columns), dense_columns, x, W_enc, raw, scale, needs),
+        ]
+        return None, None, *_sum_grads(grads)
+
+
+class _GatheredPreacts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, rows, cols, raw, x, W_enc, b_enc, scale):  # type: ignore[no-untyped-def,override]
+        ctx.save_for_backward(rows, cols, raw, x, W_enc, scale)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def,override]
+        rows, cols, raw, x, W_enc, scale = ctx.saved_tensors
+        return None, None, None, None, *_gathered_grads(grad, rows, cols, x, W_enc, raw, scale, ctx.needs_input_grad[4:])
+
+
+class _PreactColumns(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, block, cols, raw, x, W_enc, b_enc, scale):  # type: ignore[no-untyped-def,override]
+        ctx.save_for_backward(cols, raw, x, W_enc, scale)
+        return block
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def,override]
+        cols, raw, x, W_enc, scale = ctx.saved_tensors
+        return None, None, None, *_column_grads(grad, cols, x, W_enc, raw, scale, ctx.needs_input_grad[3:])
 
 
 def _gathered_grads(
-    grad: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, column_nnz: torch.Tensor, x: torch.Tensor,
-    W_enc: torch.Tensor, raw: torch.Tensor | None, scale: torch.Tensor | None, needs: tuple[bool, ...],
+    values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor,
+    raw: torch.Tensor, scale: torch.Tensor | None, needs: tuple[bool, ...],
 ) -> Grads:
-    """The same gradients from the entries ``(rows, cols)`` of ``grad`` alone (``column_nnz``
-    of them per column): ``dL/dW_enc`` column ``j`` is the sum of the inputs ``x[r]`` of
-    column ``j``'s entries weighted by them, one ``embedding_bag`` over the entries by column."""
+    """The gradients of ``x``, ``W_enc``, ``b_enc`` and ``scale`` from the gradient ``values`` of
+    the entries ``(rows, cols)`` alone: ``dL/dW_enc`` column ``j`` is the sum of the inputs
+    ``x[r]`` of column ``j``'s entries weighted by them, one ``embedding_bag`` over the entries by column."""
     need_x, need_W, need_b, need_scale = needs
-    values = grad[rows, cols]
     grad_scale = None
     if scale is not None:
         if need_scale:
-            grad_scale = torch.zeros_like(scale).index_add_(0, cols, values * raw[rows, cols])  # type: ignore[index]
+            grad_scale = torch.zeros_like(scale).index_add_(0, cols, values * raw[rows, cols])
         values = values * scale[cols]  # the gradient w.r.t. the raw pre-activations
     grad_W = None
     if need_W:
+        column_nnz = torch.bincount(cols, minlength=W_enc.shape[1])
         by_column = cols.argsort(stable=True)
         offsets = column_nnz.cumsum(0) - column_nnz
         grad_W = F.embedding_bag(rows[by_column], x, offsets, mode="sum", per_sample_weights=values[by_column]).t()
     grad_x = None
     if need_x:
-        # Valid by construction (indices of grad), so torch's invariant check is skipped.
-        entries = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, grad.shape, check_invariants=False)
+        # Valid by construction (indices of the batch), so torch's invariant check is skipped.
+        shape = (x.shape[0], W_enc.shape[1])
+        entries = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, check_invariants=False)
         grad_x = torch.sparse.mm(entries, W_enc.T)
+    grad_b = torch.zeros(W_enc.shape[1], dtype=values.dtype, device=values.device).index_add_(0, cols, values) if need_b else None
+    return grad_x, grad_W, grad_b, grad_scale
+
+
+def _column_grads(
+    grad: torch.Tensor, cols: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor, raw: torch.Tensor,
+    scale: torch.Tensor | None, needs: tuple[bool, ...],
+) -> Grads:
+    """The same gradients from the dense gradient ``grad`` ``[batch, len(cols)]`` of the columns
+    ``cols``, by dense matmuls over those columns (all of them when ``cols`` lists every column)."""
+    need_x, need_W, need_b, need_scale = needs
+    every = cols.numel() == W_enc.shape[1]
+    W_cols = W_enc if every else W_enc.index_select(1, cols)
+    grad_scale = None
+    if scale is not None:
+        if need_scale:
+            grad_scale = _widen((grad * (raw if every else raw.index_select(1, cols))).sum(0), cols, scale.shape, every)
+        grad = grad * (scale if every else scale.index_select(0, cols))
     return (
-        grad_x,
-        grad_W,
-        torch.zeros(grad.shape[1], dtype=values.dtype, device=values.device).index_add_(0, cols, values) if need_b else None,
+        grad @ W_cols.T if need_x else None,
+        _widen(x.T @ grad, cols, W_enc.shape, every) if need_W else None,
+        _widen(grad.sum(0), cols, (W_enc.shape[1],), every) if need_b else None,
         grad_scale,
+    )
+
+
+def _widen(part: torch.Tensor, cols: torch.Tensor, shape: tuple[int, ...] | torch.Size, every: bool) -> torch.Tensor:
+    """``part``'s last dimension placed at ``cols`` of a zero tensor of ``shape``."""
+    return part if every else part.new_zeros(shape).index_copy_(-1, cols, part)
+
+
+def _sum_grads(parts: list[Grads]) -> Grads:
+    return tuple(  # type: ignore[return-value]
+        None if any(g is None for g in grads) else sum(grads[1:], grads[0])  # type: ignore[arg-type]
+        for grads in zip(*parts, strict=True)
     )
 
 
@@ -121,7 +171,7 @@ def preacts_with_sparse_grad(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, scale: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``(x @ W_enc + b_enc) * scale`` for ``x`` ``[batch, d_in]``, its backward sparse in the gradient."""
-    return _PreactsWithSparseGrad.apply(x, W_enc, b_enc, scale)  # type: ignore[no-any-return]
+    return EncoderPreacts(x, W_enc, b_enc, scale).hidden_pre
 
 
 def keeps_sae_lens_encode(sae: Any, x: torch.Tensor) -> bool:
