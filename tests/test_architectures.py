@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -318,6 +319,27 @@ def test_matryoshka_nested_sparse_decodes_equal_sae_lens_dense_ones_with_its_aux
 TOPK_FAMILY = [arch for arch in EXACT_SPARSE if "topk" in arch]
 
 
+def _random_dead(n_dead: int, d_sae: int) -> torch.Tensor:
+    """A dead-latent mask with ``n_dead`` latents dead, spread over the dictionary."""
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead[torch.randperm(d_sae, generator=torch.Generator().manual_seed(0))[:n_dead]] = True
+    return dead
+
+
+def _dense_then_sparse_steps(
+    arch: str, settings: dict[str, Any], x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor
+) -> Iterator[tuple[Any, TrainStepOutput]]:
+    """The same step of ``arch`` (d_sae 1024, a non-zero skip where it has one) from the same
+    initial weights, first SAELens's dense computation, then ours (``decoder_impl: auto``)."""
+    sae_cls, cfg_cls = TRAINING_CLASSES[arch]
+    for impl in ("dense", "auto"):
+        torch.manual_seed(1)
+        sae = sae_cls(cfg_cls(d_in=16, d_sae=1024, d_out=12, decoder_impl=impl, **settings))
+        if sae.cfg.has_skip:
+            torch.nn.init.normal_(sae.W_skip, std=0.1)
+        yield sae, _step(sae, x, y, dead)
+
+
 @pytest.mark.parametrize("n_dead", [3, 20, 200])
 @pytest.mark.parametrize("arch", TOPK_FAMILY)
 def test_sparse_encoder_gradient_and_auxk_equal_sae_lens_dense_step_at_real_sparsity(arch: str, n_dead: int) -> None:
@@ -326,20 +348,13 @@ def test_sparse_encoder_gradient_and_auxk_equal_sae_lens_dense_step_at_real_spar
     fills them. AuxK keeps k_aux = 6 codes per row: 3 dead, all of them (scale 3/6), decoded
     densely; 20 dead, 6 of them, still densely; 200 dead, gathered. ``decoder_impl: dense`` is
     SAELens's own step."""
-    sae_cls, cfg_cls = TRAINING_CLASSES[arch]
     settings = {**SETTINGS[arch], "k": 8}
     if "matryoshka" in arch:
         settings["matryoshka_widths"] = [128, 1024]
     x, y = torch.randn(256, 16), torch.randn(256, 12)
-    dead = torch.zeros(1024, dtype=torch.bool)
-    dead[torch.randperm(1024, generator=torch.Generator().manual_seed(0))[:n_dead]] = True
+    dead = _random_dead(n_dead, 1024)
     results = []
-    for impl in ("dense", "auto"):
-        torch.manual_seed(1)
-        sae = sae_cls(cfg_cls(d_in=16, d_sae=1024, d_out=12, decoder_impl=impl, **settings))
-        if sae.cfg.has_skip:
-            torch.nn.init.normal_(sae.W_skip, std=0.1)
-        out = _step(sae, x, y, dead)
+    for sae, out in _dense_then_sparse_steps(arch, settings, x, y, dead):
         assert out.losses["auxiliary_reconstruction_loss"] > 0
         out.loss.backward()
         results.append((out, {name: p.grad for name, p in sae.named_parameters()}))
@@ -360,18 +375,13 @@ def test_a_topk_family_step_never_makes_the_dense_pre_activation_gradient(
     their gradients from the pre-activations they read, so no gradient reaches the whole
     ``[batch, d_sae]`` ``hidden_pre``, yet the encoder gets SAELens's gradient. Matryoshka's
     per-level AuxK reads ``hidden_pre`` itself, and there the whole gradient must arrive."""
-    sae_cls, cfg_cls = TRAINING_CLASSES[arch]
     settings = {**SETTINGS[arch], "k": 8, "aux_loss_coefficient": aux_loss_coefficient}
     if "matryoshka" in arch:
         settings |= {"matryoshka_widths": [128, 1024], "use_matryoshka_aux_loss": aux_loss_coefficient > 0}
     x, y = torch.randn(256, 16), torch.randn(256, 12)
-    dead = torch.zeros(1024, dtype=torch.bool)
-    dead[torch.randperm(1024, generator=torch.Generator().manual_seed(0))[:n_dead]] = True
+    dead = _random_dead(n_dead, 1024)
     grads = []
-    for impl in ("dense", "auto"):
-        torch.manual_seed(1)
-        sae = sae_cls(cfg_cls(d_in=16, d_sae=1024, d_out=12, decoder_impl=impl, **settings))
-        out = _step(sae, x, y, dead)
+    for sae, out in _dense_then_sparse_steps(arch, settings, x, y, dead):
         assert (out.losses["auxiliary_reconstruction_loss"] > 0) == (aux_loss_coefficient > 0)
         reached: list[torch.Tensor] = []
         out.hidden_pre.register_hook(reached.append)
