@@ -57,10 +57,12 @@ def real_batches(args: argparse.Namespace) -> tuple[Path, peers.TranscoderTraini
 
 
 def time_ours(runner: peers.TranscoderTrainingRunner, batches: torch.Tensor, n_dead: int, steps: int) -> float:
-    """Median ms of our trainer's step, ``n_dead`` latents counted dead before each."""
+    """Median ms of our trainer's step with exactly ``n_dead`` latents counted dead (the others as
+    just fired, however long they have been silent here) before each step."""
     trainer = TranscoderTrainer(cfg=runner.cfg.to_sae_trainer_config(), sae=runner.sae, data_provider=iter(()))
     times = []
     for i in range(steps + 2):
+        trainer.n_forward_passes_since_fired.zero_()
         trainer.n_forward_passes_since_fired[:n_dead] = trainer.cfg.dead_feature_window + 1
         start = time.perf_counter()
         trainer.step(batches[i % len(batches)])
