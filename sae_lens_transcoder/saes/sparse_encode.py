@@ -81,6 +81,8 @@ class _WholePreacts(torch.autograd.Function):
 
 
 class _GatheredPreacts(torch.autograd.Function):
+    """Entries already read from the pre-activations, their gradient gathered from them alone."""
+
     @staticmethod
     def forward(ctx, values, rows, cols, raw, x, W_enc, b_enc, scale):  # type: ignore[no-untyped-def,override]
         ctx.save_for_backward(rows, cols, raw, x, W_enc, scale)
@@ -93,6 +95,8 @@ class _GatheredPreacts(torch.autograd.Function):
 
 
 class _PreactColumns(torch.autograd.Function):
+    """Columns already read from the pre-activations, their gradient by matmuls over them alone."""
+
     @staticmethod
     def forward(ctx, block, cols, raw, x, W_enc, b_enc, scale):  # type: ignore[no-untyped-def,override]
         ctx.save_for_backward(cols, raw, x, W_enc, scale)
