@@ -234,7 +234,10 @@ class TranscoderMixin:
         target = y if skip is None else y - skip.to(y.dtype)
         given = {f.name: getattr(step_input, f.name) for f in fields(step_input)}  # no copies
         transcoder_input = TranscoderStepInput(**(given | {"sae_in": target, "mlp_in": x}))
-        output: TrainStepOutput = super().training_forward_pass(transcoder_input)  # type: ignore[misc]
+        try:
+            output: TrainStepOutput = super().training_forward_pass(transcoder_input)  # type: ignore[misc]
+        finally:
+            self.__dict__.pop("_step_handoff", None)  # it holds the step's graph
         if skip is None:
             return output
         # Explained variance and the logged reconstruction are of the MLP output itself.
@@ -248,17 +251,28 @@ class TranscoderMixin:
         inference.load_state_dict(state)
         return inference
 
+    def hand_on(self, **found: Any) -> None:
+        """Keep what a training step's encode found for the parts of the step after it (the
+        decodes read its kept codes, AuxK its pre-activations) instead of finding it again;
+        ``training_forward_pass`` drops it when the step ends. Each reader checks that what it
+        was handed belongs to the very tensor it was given."""
+        if self.training and torch.is_grad_enabled():  # type: ignore[attr-defined]
+            self.__dict__.setdefault("_step_handoff", {}).update(found)
+
+    def handed(self, name: str) -> Any:
+        """What this step's encode handed on as ``name``, or None."""
+        return self.__dict__.get("_step_handoff", {}).get(name)
+
     def remember_kept_codes(
         self, feature_acts: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor | None = None
     ) -> None:
-        """Let the next ``decode`` of this very ``feature_acts`` tensor gather ``values`` at
-        ``indices`` (``[batch, k]``, or flat with ``offsets``: ``decode_gathered``) instead of
-        finding the codes again. Only in a training step, where the decode always follows the encode."""
-        if self.training and torch.is_grad_enabled():  # type: ignore[attr-defined]
-            self._kept_codes = (feature_acts, indices, values, offsets)
+        """Let the decodes of this very ``feature_acts`` tensor gather ``values`` at ``indices``
+        (``[batch, k]``, or flat with ``offsets``: ``decode_gathered``) instead of finding the
+        codes again."""
+        self.hand_on(kept_codes=(feature_acts, indices, values, offsets))
 
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
-        kept = self.__dict__.pop("_kept_codes", None)
+        kept = self.handed("kept_codes")
         rescale = bool(getattr(self.cfg, "rescale_acts_by_decoder_norm", False))  # TopK's decode option
         if kept is not None and kept[0] is feature_acts:  # only the sparse encode remembers codes
             out = decode_gathered(kept[1], kept[2], self.W_dec, rescale, kept[3]) + self.b_dec

@@ -31,8 +31,15 @@ class SparseMatryoshkaDecode:
         if not self._decodes_sparse(feature_acts):  # type: ignore[attr-defined]
             yield from super()._iterable_decode(feature_acts, include_outer_loss)  # type: ignore[misc]
             return
-        rows, columns = feature_acts.nonzero().unbind(1)  # row by row, as the bags need
-        values = feature_acts[rows, columns]
+        kept = self.handed("kept_codes")  # type: ignore[attr-defined]
+        if kept is not None and kept[0] is feature_acts and kept[3] is not None:
+            # BatchTopK's codes as its encode kept them (row by row, with their own gradient).
+            _, columns, values, offsets = kept
+            per_row = torch.diff(offsets, append=offsets.new_tensor([columns.numel()]))
+            rows = torch.repeat_interleave(torch.arange(feature_acts.shape[0], device=columns.device), per_row)
+        else:
+            rows, columns = feature_acts.nonzero().unbind(1)  # row by row, as the bags need
+            values = feature_acts[rows, columns]
         if self.cfg.rescale_acts_by_decoder_norm:
             values = values * (1 / self.W_dec.norm(dim=-1))[columns]  # SAELens's reciprocal, for equal rounding
         widths = self.cfg.matryoshka_widths if include_outer_loss else self.cfg.matryoshka_widths[:-1]

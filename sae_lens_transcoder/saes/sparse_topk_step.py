@@ -13,8 +13,6 @@ first (``batch_topk_select``) and hands them on too.
 ``decoder_impl: dense`` keeps SAELens's own step.
 """
 
-from typing import Any
-
 import torch
 from sae_lens.saes.batchtopk_sae import BatchTopK
 from sae_lens.saes.topk_sae import TopK, TopKTrainingSAEConfig
@@ -44,8 +42,7 @@ class SparseTopKStep:
         scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
         preacts = EncoderPreacts(sae_in, self.W_enc, self.b_enc, scale)
         hidden_pre = preacts.hidden_pre
-        if self.training and torch.is_grad_enabled():  # type: ignore[attr-defined]
-            self._encoder_preacts = preacts  # AuxK takes the dead latents' columns from it
+        self.hand_on(encoder_preacts=preacts)  # type: ignore[attr-defined]  # AuxK takes the dead columns from it
         activation = self.activation_fn  # type: ignore[attr-defined]
         # A hook on the codes may change them, and then the decode must read what it returned.
         codes_hooked = bool(self.hook_sae_acts_post._forward_hooks)  # type: ignore[attr-defined]
@@ -66,13 +63,6 @@ class SparseTopKStep:
         self.remember_kept_codes(feature_acts, indices, values)  # type: ignore[attr-defined]
         return feature_acts, hidden_pre
 
-    def calculate_aux_loss(self, *args: Any, **kwargs: Any) -> Any:
-        """SAELens's, then the step's pre-activations are let go (they hold the step's graph)."""
-        try:
-            return super().calculate_aux_loss(*args, **kwargs)  # type: ignore[misc]
-        finally:
-            self.__dict__.pop("_encoder_preacts", None)
-
     def calculate_topk_aux_loss(
         self,
         sae_in: torch.Tensor,
@@ -89,7 +79,7 @@ class SparseTopKStep:
             return super().calculate_topk_aux_loss(sae_in, sae_out, hidden_pre, dead_neuron_mask)  # type: ignore[misc,no-any-return]
         scale = min(num_dead / (sae_in.shape[-1] // 2), 1.0)
         residual = (sae_in - sae_out).detach()
-        preacts = self.__dict__.get("_encoder_preacts")
+        preacts = self.handed("encoder_preacts")  # type: ignore[attr-defined]
         if preacts is not None and preacts.hidden_pre is not hidden_pre:
             preacts = None
         loss = sparse_topk_aux_loss(
