@@ -73,11 +73,9 @@ class _WholePreacts(torch.autograd.Function):
             return None, None, *_column_grads(grad, dense_columns, x, W_enc, raw, scale, needs)
         sparse_entries = ~dense[cols]
         rows, cols = rows[sparse_entries], cols[sparse_entries]
-        grads = [
-            _gathered_grads(grad[rows, cols], rows, cols, x, W_enc, raw, scale, needs),
-            _column_grads(grad.index_select(1, dense_columns), dense_columns, x, W_enc, raw, scale, needs),
-        ]
-        return None, None, *_sum_grads(grads)
+        gathered = _gathered_grads(grad[rows, cols], rows, cols, x, W_enc, raw, scale, needs)
+        block = grad.index_select(1, dense_columns)
+        return None, None, *_column_grads(block, dense_columns, x, W_enc, raw, scale, needs, into=gathered)
 
 
 class _GatheredPreacts(torch.autograd.Function):
@@ -139,36 +137,38 @@ def _gathered_grads(
 
 def _column_grads(
     grad: torch.Tensor, cols: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor, raw: torch.Tensor,
-    scale: torch.Tensor | None, needs: tuple[bool, ...],
+    scale: torch.Tensor | None, needs: tuple[bool, ...], into: Grads | None = None,
 ) -> Grads:
     """The same gradients from the dense gradient ``grad`` ``[batch, len(cols)]`` of the columns
-    ``cols``, by dense matmuls over those columns (all of them when ``cols`` lists every column)."""
+    ``cols``, by dense matmuls over those columns, placed at ``cols`` of ``into`` (gradients that
+    are zero there: the gathered ones of the other columns) or of zeros; as they are when ``cols``
+    lists every column."""
     need_x, need_W, need_b, need_scale = needs
     every = cols.numel() == W_enc.shape[1]
+    into_x, into_W, into_b, into_scale = into or (None, None, None, None)
     W_cols = W_enc if every else W_enc.index_select(1, cols)
     grad_scale = None
     if scale is not None:
         if need_scale:
-            grad_scale = _widen((grad * (raw if every else raw.index_select(1, cols))).sum(0), cols, scale.shape, every)
+            part = (grad * (raw if every else raw.index_select(1, cols))).sum(0)
+            grad_scale = _place(part, cols, scale.shape, every, into_scale)
         grad = grad * (scale if every else scale.index_select(0, cols))
+    grad_x = grad @ W_cols.T if need_x else None
     return (
-        grad @ W_cols.T if need_x else None,
-        _widen(x.T @ grad, cols, W_enc.shape, every) if need_W else None,
-        _widen(grad.sum(0), cols, (W_enc.shape[1],), every) if need_b else None,
+        grad_x if grad_x is None or into_x is None else grad_x + into_x,
+        _place(x.T @ grad, cols, W_enc.shape, every, into_W) if need_W else None,
+        _place(grad.sum(0), cols, (W_enc.shape[1],), every, into_b) if need_b else None,
         grad_scale,
     )
 
 
-def _widen(part: torch.Tensor, cols: torch.Tensor, shape: tuple[int, ...] | torch.Size, every: bool) -> torch.Tensor:
-    """``part``'s last dimension placed at ``cols`` of a zero tensor of ``shape``."""
-    return part if every else part.new_zeros(shape).index_copy_(-1, cols, part)
-
-
-def _sum_grads(parts: list[Grads]) -> Grads:
-    return tuple(  # type: ignore[return-value]
-        None if any(g is None for g in grads) else sum(grads[1:], grads[0])  # type: ignore[arg-type]
-        for grads in zip(*parts, strict=True)
-    )
+def _place(
+    part: torch.Tensor, cols: torch.Tensor, shape: tuple[int, ...] | torch.Size, every: bool, into: torch.Tensor | None
+) -> torch.Tensor:
+    """``part``'s last dimension at ``cols`` of ``into`` (of zeros of ``shape`` when None)."""
+    if every:
+        return part
+    return (part.new_zeros(shape) if into is None else into).index_copy_(-1, cols, part)
 
 
 def preacts_with_sparse_grad(
