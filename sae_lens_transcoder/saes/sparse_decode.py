@@ -80,20 +80,16 @@ def sparse_topk_aux_loss(
     dead = dead_neuron_mask.nonzero().squeeze(1)
     k_aux = min(residual.shape[-1] // 2, dead.numel())
     gathered = k_aux < AUXK_DENSE_MIN_FILL * dead.numel()
-    if gathered and preacts is not None:
+    if gathered:
         with torch.no_grad():
-            values, which = preacts.values.index_select(-1, dead).topk(k_aux, dim=-1, sorted=False)
+            values, which = hidden_pre.detach().index_select(-1, dead).topk(k_aux, dim=-1, sorted=False)
         columns = dead[which]
-        rows = torch.arange(columns.shape[0], device=columns.device).repeat_interleave(k_aux)
-        values = preacts.gather(rows, columns.flatten(), values.flatten()).view_as(columns)
+        values = hidden_pre.gather(-1, columns) if preacts is None else preacts.take(columns, values)
         recons = decode_gathered(columns, values, W_dec, rescale_by_decoder_norm)
         return (recons - residual).pow(2).sum(dim=-1).mean()
     dead_pre = hidden_pre.index_select(-1, dead) if preacts is None else preacts.columns(dead)
     if k_aux < dead.numel():
         values, which = dead_pre.topk(k_aux, dim=-1, sorted=False)
-        if gathered:
-            recons = decode_gathered(dead[which], values, W_dec, rescale_by_decoder_norm)
-            return (recons - residual).pow(2).sum(dim=-1).mean()
         dead_pre = torch.zeros_like(dead_pre).scatter(-1, which, values)
     dead_W_dec = W_dec.index_select(0, dead)
     if rescale_by_decoder_norm:

@@ -45,6 +45,11 @@ class EncoderPreacts:
             values = self.values[rows, columns]
         return _GatheredPreacts.apply(values, rows, columns, self._raw, *self._params)  # type: ignore[no-any-return]
 
+    def take(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``gather`` for ``[batch, k]`` column ``indices`` per row and their ``values``, as ``[batch, k]``."""
+        rows = torch.arange(indices.shape[0], device=indices.device).repeat_interleave(indices.shape[1])
+        return self.gather(rows, indices.flatten(), values.flatten()).view_as(indices)
+
     def columns(self, columns: torch.Tensor) -> torch.Tensor:
         """``[batch, len(columns)]``, with a dense backward over those columns alone."""
         return _PreactColumns.apply(self.values.index_select(1, columns), columns, self._raw, *self._params)  # type: ignore[no-any-return]

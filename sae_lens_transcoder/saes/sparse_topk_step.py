@@ -57,8 +57,7 @@ class SparseTopKStep:
         # SAELens's TopK, with the kept indices and values in hand: its module returns only the dense codes.
         with torch.no_grad():
             values, indices = preacts.values.topk(activation.k, dim=-1, sorted=False)
-        rows = torch.arange(indices.shape[0], device=indices.device).repeat_interleave(indices.shape[1])
-        values = preacts.gather(rows, indices.flatten(), values.flatten()).view_as(indices).relu()
+        values = preacts.take(indices, values).relu()
         feature_acts = self.hook_sae_acts_post(torch.zeros_like(hidden_pre).scatter_(-1, indices, values))  # type: ignore[attr-defined]
         self.remember_kept_codes(feature_acts, indices, values)  # type: ignore[attr-defined]
         return feature_acts, hidden_pre
