@@ -460,9 +460,18 @@ def plot(runs: list[dict[str, Any]], out: Path) -> None:
         plot_pareto(curves, out / "pareto_fvu.png", y_key="fvu", y_label="FVU (vs MLP output)")
 
 
+# A peer L0 this close to a curve's end (relative) is matched by that end: a TopK run's L0 falls a
+# hair below k when a kept code is zero (SAELens's TopK SAE at k 16 read 15.99988 at 4M).
+L0_MATCH_TOLERANCE = 1e-3
+
+
 def at_l0(runs: list[dict[str, Any]], l0: float, key: str) -> float | None:
     """``key`` of a curve at ``l0``, linear in log L0 between neighbouring runs; None outside."""
     points = sorted((r["l0"], r[key]) for r in runs if r["l0"] > 0)
+    if points and points[0][0] * (1 - L0_MATCH_TOLERANCE) <= l0 < points[0][0]:
+        l0 = points[0][0]
+    if points and points[-1][0] < l0 <= points[-1][0] * (1 + L0_MATCH_TOLERANCE):
+        l0 = points[-1][0]
     # Consecutive pairs, and the last run with itself (an L0 equal to the largest).
     for (x0, y0), (x1, y1) in zip(points, points[1:] + points[-1:]):
         if x0 <= l0 <= x1:
@@ -517,7 +526,7 @@ def speed_ratio(runs: list[dict[str, Any]]) -> float | None:
 
 MATCHED_NOTE = (
     "At each peer run's L0, each of our architectures' curve is interpolated linearly in log L0 between its two "
-    "neighbouring runs (no extrapolation: '-' where the L0 is outside every curve's range), and the lowest of them "
+    "neighbouring runs (no extrapolation: '-' where the L0 is outside every curve's range by more than 0.1%), and the lowest of them "
     "is shown with its architecture; Δ = ours − peer (negative: ours is better)."
 )
 
