@@ -468,10 +468,12 @@ L0_MATCH_TOLERANCE = 1e-3
 def at_l0(runs: list[dict[str, Any]], l0: float, key: str) -> float | None:
     """``key`` of a curve at ``l0``, linear in log L0 between neighbouring runs; None outside."""
     points = sorted((r["l0"], r[key]) for r in runs if r["l0"] > 0)
-    if points and points[0][0] * (1 - L0_MATCH_TOLERANCE) <= l0 < points[0][0]:
-        l0 = points[0][0]
-    if points and points[-1][0] < l0 <= points[-1][0] * (1 + L0_MATCH_TOLERANCE):
-        l0 = points[-1][0]
+    if points:
+        lowest, highest = points[0][0], points[-1][0]
+        if lowest * (1 - L0_MATCH_TOLERANCE) <= l0 < lowest:
+            l0 = lowest
+        elif highest < l0 <= highest * (1 + L0_MATCH_TOLERANCE):
+            l0 = highest
     # Consecutive pairs, and the last run with itself (an L0 equal to the largest).
     for (x0, y0), (x1, y1) in zip(points, points[1:] + points[-1:]):
         if x0 <= l0 <= x1:
