@@ -160,6 +160,13 @@ PEER_LABELS = {
 # Plot colours: ours by position in SYSTEMS (tab20 pairs: an architecture dark, its skip light).
 PEER_COLOURS = {"sparsify_topk_transcoder": "black", "standard_sae": "tab:brown", "topk_sae": "tab:cyan"}
 SPEED_K = 32
+# --our-lm-forward: which implementation's forward pass makes our runs' training activations.
+MODEL_CLASS_FOR_FORWARD = {"transformer_lens": "HookedTransformer", "transformers": "AutoModelForCausalLM"}
+LM_FORWARD_NOTE = {
+    "transformer_lens": "ours and SAELens's SAEs run it in TransformerLens, sparsify in transformers",
+    "transformers": "ours run it in transformers (`model_class_name: AutoModelForCausalLM`), as sparsify does; "
+    "SAELens's SAEs in TransformerLens",
+}
 LM_DTYPE_NOTE = {
     "float32": "float32",
     "bfloat16": "bf16 autocast (SAELens's `autocast_lm` for ours and its SAEs; sparsify's layers before the MLP), "
@@ -220,9 +227,11 @@ def runner_config(sae: Any, args: argparse.Namespace, hook_name: str) -> Languag
 
 
 def transcoder_runner(
-    system: str, level: float, model: HookedTransformer, train: Any, args: argparse.Namespace
+    system: str, level: float, model: HookedTransformer, train: Any, args: argparse.Namespace,
+    lm_forward: str = "transformer_lens",
 ) -> TranscoderTrainingRunner:
     cfg = runner_config(sae_config(system, level, model.cfg.d_model, args), args, SAE_LENS_DEFAULT_HOOK)
+    cfg.model_class_name = MODEL_CLASS_FOR_FORWARD[lm_forward]
     return TranscoderTrainingRunner(cfg, override_model=model, override_dataset=train)
 
 
@@ -242,7 +251,7 @@ def training_rows(model: HookedTransformer, train: Any, exclude: torch.Tensor, a
 
 
 @contextmanager
-def recorded_token_rows(model: HookedTransformer) -> Iterator[list[torch.Tensor]]:
+def recorded_token_rows(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
     """Every token batch the model is run on meanwhile, in order."""
     seen: list[torch.Tensor] = []
     handle = model.register_forward_pre_hook(lambda _module, inputs: seen.append(inputs[0].detach().cpu().clone()))
@@ -262,8 +271,10 @@ def check_stream(seen: list[torch.Tensor], rows: torch.Tensor) -> dict[str, Any]
 
 
 def timed_run(runner: Any, inputs: Inputs, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    """Train; the wall time of ``run()`` and the stream check."""
-    with recorded_token_rows(inputs.model) as seen:
+    """Train; the wall time of ``run()`` and the stream check (on the model that makes the
+    training activations: the HookedTransformer, or with ``--our-lm-forward transformers`` the
+    transformers model)."""
+    with recorded_token_rows(runner.activations_store.model) as seen:
         start = time.perf_counter()
         trained = runner.run()
         seconds = time.perf_counter() - start
@@ -274,7 +285,7 @@ def timed_run(runner: Any, inputs: Inputs, args: argparse.Namespace) -> tuple[An
 
 
 def train_ours(system: str, level: float, inputs: Inputs, args: argparse.Namespace) -> tuple[Splice, dict[str, Any]]:
-    runner = transcoder_runner(system, level, inputs.model, inputs.train, args)
+    runner = transcoder_runner(system, level, inputs.model, inputs.train, args, args.our_lm_forward)
     transcoder, info = timed_run(runner, inputs, args)
     return Splice(transcoder, *runner.hooks[args.layer]), info
 
@@ -426,6 +437,7 @@ def load_results(path: Path, setup: dict[str, Any]) -> dict[str, Any]:
     if not path.is_file():
         return {"setup": setup, "runs": {}}
     results = json.loads(path.read_text())
+    results["setup"].setdefault("our_lm_forward", "transformer_lens")  # files from before the option
     if results["setup"] != setup:
         raise SystemExit(f"{path} was written for {results['setup']}, this run is {setup}: use another --out")
     return results
@@ -541,7 +553,7 @@ def table(results: dict[str, Any]) -> str:
         f"d_sae {setup['d_sae']}, context {setup['context_size']}, batch {setup['batch']} tokens, lr {setup['lr']} "
         f"and `{NORMALIZATION}` (ours and SAELens; sparsify: its own lr, no normalisation), the `train` split "
         f"of the `{setup['train_dataset']}` corpus, one token stream for all (see the script's docstring). The LM "
-        f"forward that makes the training activations runs in {LM_DTYPE_NOTE[setup['lm_dtype']]}. Every system is spliced in place of the MLP output on "
+        f"forward that makes the training activations runs in {LM_DTYPE_NOTE[setup['lm_dtype']]}; {LM_FORWARD_NOTE[setup['our_lm_forward']]}. Every system is spliced in place of the MLP output on "
         f"{setup['heldout_positions']} held-out positions (the embedded `test` split, special tokens excluded). ΔCE = CE spliced "
         "− CE clean; FVU/EV against the MLP output; CE recovered against zero-ablating the MLP; dead % = features "
         "that never fire on the held-out tokens; tokens/s = training tokens over training wall time alone, with "
@@ -585,6 +597,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lm-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="the LM forward that makes the activations: bfloat16 = SAELens's autocast_lm for ours and "
                    "its SAEs, its layers before the MLP for sparsify (the SAEs train in float32 either way)")
+    p.add_argument("--our-lm-forward", choices=list(MODEL_CLASS_FOR_FORWARD), default="transformer_lens",
+                   help="transformers = our runs make their activations with transformers' own forward pass "
+                   "(model_class_name: AutoModelForCausalLM), as sparsify does; SAELens's SAEs keep TransformerLens")
     p.add_argument("--train-dataset", default=EMBEDDED_DATASET,
                    help="directory dataset whose train split is the token stream (held-out: always the embedded test split)")
     p.add_argument("--force", action="store_true", help="retrain runs already in results.json")
@@ -594,6 +609,7 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     args.lm_autocast = args.lm_dtype == "bfloat16"
     budget = str(args.tokens) + (f"_{args.lm_dtype}_lm" if args.lm_autocast else "")
+    budget += "_transformers_forward" if args.our_lm_forward == "transformers" else ""
     args.out = args.out or ROOT / "benchmarks" / "results" / "faithfulness_vs_peers" / budget
     args.levels = parse_levels(args.levels)
     return args
@@ -629,7 +645,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     inputs = prepare(args)
     setup = {"model": MODEL, "layer": args.layer, "d_sae": args.d_sae, "context_size": CONTEXT, "batch": args.batch,
-             "lr": args.lr, "lm_dtype": args.lm_dtype, "train_dataset": dataset_name(args.train_dataset, inputs.train), "eval_tokens": args.eval_tokens,
+             "lr": args.lr, "lm_dtype": args.lm_dtype, "our_lm_forward": args.our_lm_forward, "train_dataset": dataset_name(args.train_dataset, inputs.train), "eval_tokens": args.eval_tokens,
              "heldout_positions": int(torch.isin(inputs.heldout, inputs.exclude, invert=True).sum())}
     results_path = args.out / "results.json"
     results = load_results(results_path, setup)

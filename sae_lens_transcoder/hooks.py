@@ -15,6 +15,7 @@ from sae_lens.analysis.hooked_sae_transformer import add_hook_in_to_mlp
 from sae_lens.util import extract_layer_from_tlens_hook_name
 from transformer_lens import HookedTransformer
 from transformer_lens.components import LayerNormPre, RMSNormPre
+from transformer_lens.hook_points import HookedRootModule
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,8 @@ def default_input_hook(model: HookedTransformer, layer: int) -> str:
     return mlp_in_hook(layer)
 
 
-def _probe_tokens(model: HookedTransformer) -> torch.Tensor:
+def probe_tokens(model: HookedTransformer) -> torch.Tensor:
+    """A few fixed random tokens of ``model``'s vocabulary, on its device."""
     n = min(N_PROBE_TOKENS, model.cfg.n_ctx, model.cfg.d_vocab)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.cfg.d_vocab, (1, n), generator=generator)
@@ -114,14 +116,21 @@ def _probe_tokens(model: HookedTransformer) -> torch.Tensor:
 
 
 @torch.no_grad()
-def probe_hooks(model: HookedTransformer, hook_names: list[str]) -> dict[str, torch.Tensor]:
-    """Activations of ``hook_names`` on a few random tokens (missing = never fired)."""
+def probe_hooks(
+    model: HookedRootModule, hook_names: list[str], tokens: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Activations of ``hook_names`` on ``tokens``, by default a few random tokens of a
+    HookedTransformer (missing = never fired)."""
     stops = [extract_layer_from_tlens_hook_name(h) for h in hook_names]
     stop = None if any(s is None for s in stops) else max(s for s in stops if s is not None) + 1
+    if tokens is None:
+        assert isinstance(model, HookedTransformer)
+        tokens = probe_tokens(model)
     _, cache = model.run_with_cache(
-        _probe_tokens(model), names_filter=list(hook_names), stop_at_layer=stop
+        tokens, names_filter=list(hook_names), stop_at_layer=stop
     )
-    return {name: cache[name] for name in hook_names if name in cache.cache_dict}
+    present = dict(cache.items())  # an ActivationCache from TransformerLens, a dict from SAELens's proxy
+    return {name: present[name] for name in hook_names if name in present}
 
 
 def validate_transcoder_hooks(

@@ -37,6 +37,7 @@ from sae_lens_transcoder.distributed.layers import LayerMode, check_enough_layer
 from sae_lens_transcoder.distributed.sharded_trainer import LayerShardedSetTrainer
 from sae_lens_transcoder.hooks import chosen_input_hook, hook_layer, mlp_out_hook, validate_transcoder_hooks
 from sae_lens_transcoder.layer_spec import parse_mlp_layers
+from sae_lens_transcoder.models.transformers_source import TRANSFORMERS_MODEL_CLASS, load_transformers_source
 from sae_lens_transcoder.replacement import PerLayerTranscoders, ReplacementSet, Splice
 from sae_lens_transcoder.saes.clt import is_clt_architecture
 from sae_lens_transcoder.replacement.saving import layer_dir, write_transcoder_set
@@ -148,7 +149,7 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         self.sae = next(iter(self.transcoders.values()))
         self.replacement = self.build_replacement()
         self.activations_store = TranscoderActivationsStore.from_runner_config(
-            self.model, cfg, self.replacement.batch_layout, override_dataset=override_dataset
+            self._activation_source(), cfg, self.replacement.batch_layout, override_dataset=override_dataset
         )
         self.evaluator = TranscoderSetEvaluator(  # type: ignore[assignment]
             model=self.model,
@@ -251,12 +252,24 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
         assert cfg.llm_device is not None  # set in cfg.__post_init__
         if is_offline_model(cfg.model_name):
             return load_offline_model(cfg.model_name, cfg.llm_device, cfg.model_from_pretrained_kwargs)
+        # Always the HookedTransformer: model_class_name picks only what makes the training
+        # activations (_activation_source); hooks, evals and saving need TransformerLens's model.
         return sae_lens_load_model(
-            cfg.model_class_name,
+            "HookedTransformer",
             cfg.model_name,
             device=cfg.llm_device,
             model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
         )
+
+    def _activation_source(self) -> HookedRootModule:
+        """The model whose forward pass makes the training activations: the HookedTransformer,
+        or with ``model_class_name: AutoModelForCausalLM`` transformers' own model of the same
+        weights (faster on CPU; see models/transformers_source.py)."""
+        if self.cfg.model_class_name != TRANSFORMERS_MODEL_CLASS:
+            return self.model
+        assert isinstance(self.model, HookedTransformer)
+        hooks = [hook for hook, _ in self.replacement.batch_layout]
+        return load_transformers_source(self.cfg.model_name, self.model, hooks)
 
     def _resolve_and_validate_hooks(self) -> dict[int, tuple[str, str]]:
         """``layer -> (input hook, output hook)``, each pair checked on the model."""
@@ -316,6 +329,8 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
             metadata = transcoder.cfg.metadata
             # SAELens records the runner's one input hook; Transcoder loading needs both.
             metadata.hook_name, metadata.hook_name_out = self.hooks[layer]
+            # The hooks are TransformerLens's whichever model made the activations.
+            metadata.model_class_name = "HookedTransformer"
             # Any recorded kwarg makes every load of the transcoder warn about loading kwargs;
             # keep only those that change the model (not SAELens's center_writing_weights=False
             # default, not our loaders' cache directory).

@@ -38,6 +38,8 @@ from sae_lens_transcoder._version import __version__
 from sae_lens_transcoder.data import resolve_dataset_path
 from sae_lens_transcoder.hooks import ensure_input_hooks, hook_layer, mlp_out_hook, probe_hooks
 from sae_lens_transcoder.layer_spec import parse_mlp_layers
+from sae_lens_transcoder.models import TINY_MODEL_NAME
+from sae_lens_transcoder.models.transformers_source import TRANSFORMERS_MODEL_CLASS
 from sae_lens_transcoder.export.circuit_tracer import CONFIG_FILE as CIRCUIT_TRACER_CONFIG
 from sae_lens_transcoder.replacement import PerLayerTranscoders, ReplacementSet, Splice
 from sae_lens_transcoder.replacement.saving import MANIFEST_FILE
@@ -205,10 +207,16 @@ def validate_runner_config(
         )
     if cfg.hook_head_index is not None:
         raise ValueError("hook_head_index must be None for an MLP transcoder.")
-    if cfg.model_class_name != "HookedTransformer":
+    if cfg.model_class_name not in ("HookedTransformer", TRANSFORMERS_MODEL_CLASS):
         raise ValueError(
-            f"model_class_name={cfg.model_class_name!r}: transcoder training needs a "
-            "TransformerLens HookedTransformer (its MLP hooks). Set model_class_name: HookedTransformer."
+            f"model_class_name={cfg.model_class_name!r}: transcoder training reads a TransformerLens "
+            f"HookedTransformer's MLP hooks, made by it or by the same model in transformers. Set "
+            f"model_class_name: HookedTransformer (or {TRANSFORMERS_MODEL_CLASS})."
+        )
+    if cfg.model_class_name == TRANSFORMERS_MODEL_CLASS and cfg.model_name == TINY_MODEL_NAME:
+        raise ValueError(
+            f"model_class_name={TRANSFORMERS_MODEL_CLASS!r}: model {TINY_MODEL_NAME!r} exists only as a "
+            "HookedTransformer, with no transformers form. Set model_class_name: HookedTransformer."
         )
     _fit_mixing_buffer(cfg)
     _warn_if_dead_features_never_handled(cfg)

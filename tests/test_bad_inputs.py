@@ -396,6 +396,10 @@ CASES: list[Case] = [
     case("out-version-recorded", final_save, None, stage="any", setup=runner_saving_to("out"),
          check=version_recorded_and_plain_load_is_silent, changes_disk=True),
     # 2. values that were silently accepted, or failed deep inside
+    case("model-class-mamba", _py_cfg(model_class_name="HookedMamba"), ValueError, "model_class_name='HookedMamba'",
+         "Set model_class_name: HookedTransformer"),
+    case("model-class-transformers-tiny", _py_cfg(model_class_name="AutoModelForCausalLM", model_name="tiny-gpt2"), ValueError,
+         "'tiny-gpt2' exists only as a HookedTransformer", "Set model_class_name: HookedTransformer"),
     case("l1-negative", _py_cfg(sae={"l1_coefficient": -1.0}), ValueError, "sae.l1_coefficient=-1.0 must be >= 0"),
     case("l1-string", _py_cfg(sae={"l1_coefficient": "0.1"}), TypeError, "sae.l1_coefficient must be a number; got '0.1'"),
     case("l1-yaml-1e-3", cli_main("train", "--config", "cfg.yaml"), SystemExit, "sae.l1_coefficient must be a number", "1.0e-3",
