@@ -156,5 +156,7 @@ def test_main_job_smoke_run_on_smollm2(tmp_path: Path) -> None:
     # The README promises the main job's output loads in plain SAELens: a SAELens class, not one of ours.
     assert type(sae).__module__.startswith("sae_lens.")
     assert sae.cfg.metadata.hook_name == "blocks.3.mlp.hook_in"
+    # Trained on transformers' forward (the config's model_class_name), saved for TransformerLens's hooks.
+    assert sae.cfg.metadata.model_class_name == "HookedTransformer"
     result = json.loads(metrics.read_text())
     assert result["ce_loss_zero_ablation"] > result["ce_loss_clean"] > 0
