@@ -12,7 +12,8 @@ from sae_lens_transcoder import TranscoderTrainingRunner
 from sae_lens_transcoder.evals import evaluate_spliced
 from sae_lens_transcoder.models import load_model
 from sae_lens_transcoder.models.transformers_source import TransformersMLPHooks, load_transformers_source
-from tests.conftest import CONTEXT, D_VOCAB, runner_config
+from sae_lens_transcoder.replacement.cross_layer import CLT_HOOKS_KEY
+from tests.conftest import CONTEXT, D_MODEL, D_VOCAB, runner_config
 from tests.family_models import FAMILIES, N_LAYERS, TOKENIZER, build_family_pair
 
 # The module whose output carries each hook, per family (Gemma's MLP sits between two norms).
@@ -89,6 +90,20 @@ def test_a_set_trains_on_transformers_activations_and_saves_for_the_hooked_trans
     assert evaluate_spliced(runner.model, list(trained.values()), tokens)["mse"] == pytest.approx(metrics["mse"], rel=1e-4)
     reference_metrics = evaluate_spliced(reference.model, list(trained_reference.values()), tokens)
     assert metrics["explained_variance"] == pytest.approx(reference_metrics["explained_variance"], abs=0.01)
+
+
+def test_a_cross_layer_transcoder_reads_every_covered_mlp_from_transformers(tmp_path: Path) -> None:
+    """The CLT runner builds its store through the same source: all layers' inputs and outputs."""
+    checkpoint = _save_pair("gemma2", tmp_path / "gemma2")
+    clt = {"architecture": "clt", "mlp_layers": "all", "l1_coefficient": 1e-3}
+    store = _runner(checkpoint, tmp_path, "AutoModelForCausalLM", **clt).activations_store
+    assert isinstance(store.model, TransformersMLPHooks)
+    got, _ = next(store.batches_with_state())
+    expected, _ = next(_runner(checkpoint, tmp_path, "HookedTransformer", **clt).activations_store.batches_with_state())
+    assert got.shape[-1] == 2 * N_LAYERS * D_MODEL
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    trained = _runner(checkpoint, tmp_path, "AutoModelForCausalLM", **clt).run()
+    assert trained.cfg.metadata[CLT_HOOKS_KEY] == [_hooks([layer]) for layer in range(N_LAYERS)]
 
 
 def test_the_residual_input_hook_is_refused_before_training(tmp_path: Path) -> None:
