@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from sae_lens.load_model import HookedProxyLM
 from transformer_lens import HookedTransformer
+from transformer_lens.loading_from_pretrained import get_official_model_name
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from sae_lens_transcoder.hooks import ensure_input_hooks, hook_layer, probe_hooks, probe_tokens
@@ -106,7 +107,8 @@ def load_transformers_source(model_name: str, model: HookedTransformer, hook_nam
         hf_model, _ = load_smollm2_hf()
     else:
         local = Path(model_name).expanduser()
-        hf_model = AutoModelForCausalLM.from_pretrained(local if local.is_dir() else model_name)
+        # A Hub name may be a TransformerLens alias ("gpt2-small"): transformers wants the repo id.
+        hf_model = AutoModelForCausalLM.from_pretrained(local if local.is_dir() else get_official_model_name(model_name))
     hf_model.config.use_cache = False  # activations are read once: no key/value cache to build
     hf_model = hf_model.to(device=model.cfg.device, dtype=model.cfg.dtype).eval()
     source = TransformersMLPHooks(hf_model, model.tokenizer, mlp_hook_modules(hf_model, hook_names))
