@@ -52,9 +52,8 @@ class TransformersMLPHooks(HookedProxyLM):
         # HookedProxyLM names each hook point after its module; the store, the batch layout and
         # the saved transcoders use TransformerLens's names, so the points are renamed to those.
         super().setup()
-        by_module = {self.module_for_hook[hook]: hook for hook in self.module_for_hook}
-        for module_name, hook in by_module.items():
-            self.hook_dict[module_name].name = hook
+        for hook, module in self.module_for_hook.items():
+            self.hook_dict[module].name = hook
         self.hook_dict = {hook: self.hook_dict[module] for hook, module in self.module_for_hook.items()}
         self.mod_dict = dict(self.hook_dict)
         self.named_modules_dict = {
