@@ -29,7 +29,9 @@ Run (two venvs: this package's runs the driver, sparsify's only the worker)::
         [--levels topk_skip_transcoder=16,32,64] [--threads 1] [--lm-dtype bfloat16] [--out DIR]
 
 ``--lm-dtype bfloat16`` runs the LM forward that makes the activations under bf16 autocast for
-every system (training and evaluation stay float32) and writes to ``<tokens>_bfloat16_lm``.
+every system (training and evaluation stay float32) and writes to ``<tokens>_bfloat16_lm``;
+``--our-lm-forward transformers`` adds ``_transformers_forward`` and ``--our-auxk off`` (ours
+train no dead latents, as sparsify's default: the same work per step) ``_no_auxk``.
 
 Results merge into ``--out`` (default ``benchmarks/results/faithfulness_vs_peers/<tokens>``):
 ``results.json`` keyed by system, level and budget (a run already there is skipped unless
@@ -167,6 +169,10 @@ LM_FORWARD_NOTE = {
     "transformers": "ours run it in transformers (`model_class_name: AutoModelForCausalLM`), as sparsify does; "
     "SAELens's SAEs in TransformerLens",
 }
+AUXK_NOTE = {
+    "on": "",
+    "off": " Our TopK-family runs train no dead latents (`aux_loss_coefficient` 0), as sparsify's default does.",
+}
 LM_DTYPE_NOTE = {
     "float32": "float32",
     "bfloat16": "bf16 autocast (SAELens's `autocast_lm` for ours and its SAEs; sparsify's layers before the MLP), "
@@ -205,7 +211,10 @@ def sae_config(system: str, level: float, d_in: int, args: argparse.Namespace) -
         settings["matryoshka_widths"] = [round(f * args.d_sae) for f in settings["matryoshka_widths"]]
     common = dict(d_in=d_in, d_sae=args.d_sae, normalize_activations=NORMALIZATION, **settings)
     if family == "ours":
-        return TRAINING_CLASSES[system][1](mlp_layer=args.layer, **common)
+        config_class = TRAINING_CLASSES[system][1]
+        if args.our_auxk == "off" and "aux_loss_coefficient" in config_class.__dataclass_fields__:
+            common["aux_loss_coefficient"] = 0.0
+        return config_class(mlp_layer=args.layer, **common)
     return (StandardTrainingSAEConfig if system == "standard_sae" else TopKTrainingSAEConfig)(**common)
 
 
@@ -437,7 +446,8 @@ def load_results(path: Path, setup: dict[str, Any]) -> dict[str, Any]:
     if not path.is_file():
         return {"setup": setup, "runs": {}}
     results = json.loads(path.read_text())
-    results["setup"].setdefault("our_lm_forward", "transformer_lens")  # files from before the option
+    results["setup"].setdefault("our_lm_forward", "transformer_lens")  # files from before the options
+    results["setup"].setdefault("our_auxk", "on")
     if results["setup"] != setup:
         raise SystemExit(f"{path} was written for {results['setup']}, this run is {setup}: use another --out")
     return results
@@ -553,7 +563,7 @@ def table(results: dict[str, Any]) -> str:
         f"d_sae {setup['d_sae']}, context {setup['context_size']}, batch {setup['batch']} tokens, lr {setup['lr']} "
         f"and `{NORMALIZATION}` (ours and SAELens; sparsify: its own lr, no normalisation), the `train` split "
         f"of the `{setup['train_dataset']}` corpus, one token stream for all (see the script's docstring). The LM "
-        f"forward that makes the training activations runs in {LM_DTYPE_NOTE[setup['lm_dtype']]}; {LM_FORWARD_NOTE[setup['our_lm_forward']]}. Every system is spliced in place of the MLP output on "
+        f"forward that makes the training activations runs in {LM_DTYPE_NOTE[setup['lm_dtype']]}; {LM_FORWARD_NOTE[setup['our_lm_forward']]}.{AUXK_NOTE[setup['our_auxk']]} Every system is spliced in place of the MLP output on "
         f"{setup['heldout_positions']} held-out positions (the embedded `test` split, special tokens excluded). ΔCE = CE spliced "
         "− CE clean; FVU/EV against the MLP output; CE recovered against zero-ablating the MLP; dead % = features "
         "that never fire on the held-out tokens; tokens/s = training tokens over training wall time alone, with "
@@ -600,6 +610,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--our-lm-forward", choices=list(MODEL_CLASS_FOR_FORWARD), default="transformer_lens",
                    help="transformers = our runs make their activations with transformers' own forward pass "
                    "(model_class_name: AutoModelForCausalLM), as sparsify does; SAELens's SAEs keep TransformerLens")
+    p.add_argument("--our-auxk", choices=("on", "off"), default="on",
+                   help="off = our TopK-family runs train no dead latents (aux_loss_coefficient 0), as sparsify's "
+                   "default (auxk_alpha 0) does: the same work per step, for the speed pair")
     p.add_argument("--train-dataset", default=EMBEDDED_DATASET,
                    help="directory dataset whose train split is the token stream (held-out: always the embedded test split)")
     p.add_argument("--force", action="store_true", help="retrain runs already in results.json")
@@ -610,6 +623,7 @@ def parse_args() -> argparse.Namespace:
     args.lm_autocast = args.lm_dtype == "bfloat16"
     budget = str(args.tokens) + (f"_{args.lm_dtype}_lm" if args.lm_autocast else "")
     budget += "_transformers_forward" if args.our_lm_forward == "transformers" else ""
+    budget += "_no_auxk" if args.our_auxk == "off" else ""
     args.out = args.out or ROOT / "benchmarks" / "results" / "faithfulness_vs_peers" / budget
     args.levels = parse_levels(args.levels)
     return args
@@ -645,7 +659,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     inputs = prepare(args)
     setup = {"model": MODEL, "layer": args.layer, "d_sae": args.d_sae, "context_size": CONTEXT, "batch": args.batch,
-             "lr": args.lr, "lm_dtype": args.lm_dtype, "our_lm_forward": args.our_lm_forward, "train_dataset": dataset_name(args.train_dataset, inputs.train), "eval_tokens": args.eval_tokens,
+             "lr": args.lr, "lm_dtype": args.lm_dtype, "our_lm_forward": args.our_lm_forward, "our_auxk": args.our_auxk, "train_dataset": dataset_name(args.train_dataset, inputs.train), "eval_tokens": args.eval_tokens,
              "heldout_positions": int(torch.isin(inputs.heldout, inputs.exclude, invert=True).sum())}
     results_path = args.out / "results.json"
     results = load_results(results_path, setup)

@@ -269,7 +269,7 @@ class TranscoderTrainingRunner(LanguageModelSAETrainingRunner):
             return self.model
         assert isinstance(self.model, HookedTransformer)
         hooks = [hook for hook, _ in self.replacement.batch_layout]
-        return load_transformers_source(self.cfg.model_name, self.model, hooks)
+        return load_transformers_source(self.cfg.model_name, self.model, hooks, self.cfg.model_from_pretrained_kwargs)
 
     def _resolve_and_validate_hooks(self) -> dict[int, tuple[str, str]]:
         """``layer -> (input hook, output hook)``, each pair checked on the model."""

@@ -67,16 +67,17 @@ class LocalHub:
     def repo_dir(self, repo_id: str) -> Path:
         return self.cache_dir / ("models--" + repo_id.replace("/", "--"))
 
-    def snapshot(self, repo_id: str) -> Path:
-        return self.repo_dir(repo_id) / "snapshots" / COMMIT
+    def snapshot(self, repo_id: str, commit: str = COMMIT) -> Path:
+        return self.repo_dir(repo_id) / "snapshots" / commit
 
-    def write(self, repo_id: str, filename: str, data: bytes) -> Path:
-        """Store ``data`` as the hub's cache does: a content-named blob, linked from the snapshot."""
+    def write(self, repo_id: str, filename: str, data: bytes, commit: str = COMMIT) -> Path:
+        """Store ``data`` as the hub's cache does: a content-named blob, linked from the snapshot
+        of ``commit`` (``refs/main`` names :data:`COMMIT`; other commits are revisions)."""
         repo = self.repo_dir(repo_id)
         blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
         blob.parent.mkdir(parents=True, exist_ok=True)
         blob.write_bytes(data)
-        pointer = self.snapshot(repo_id) / filename
+        pointer = self.snapshot(repo_id, commit) / filename
         pointer.parent.mkdir(parents=True, exist_ok=True)
         pointer.unlink(missing_ok=True)
         pointer.symlink_to(os.path.relpath(blob, pointer.parent))

@@ -15,6 +15,11 @@ from sae_lens_transcoder.models.transformers_source import TransformersMLPHooks,
 from sae_lens_transcoder.replacement.cross_layer import CLT_HOOKS_KEY
 from tests.conftest import CONTEXT, D_MODEL, D_VOCAB, runner_config
 from tests.family_models import FAMILIES, N_LAYERS, TOKENIZER, build_family_pair
+from tests.release_fixtures import COMMIT, LocalHub, local_hub  # noqa: F401
+
+# An official TransformerLens name, so both libraries take their Hub path (from the local hub).
+HUB_MODEL = "Qwen/Qwen3-0.6B"
+REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 # The module whose output carries each hook, per family (Gemma's MLP sits between two norms).
 EXPECTED_MODULES = {
@@ -119,3 +124,34 @@ def test_a_transformers_model_that_computes_something_else_is_refused(tmp_path: 
     model = build_family_pair("qwen3", seed=0)[1]
     with pytest.raises(ValueError, match=r"'model.layers.0.post_attention_layernorm' output differs from the HookedTransformer's 'blocks.0.mlp.hook_in'.*model_class_name: HookedTransformer"):
         load_transformers_source(str(other), model, _hooks([0]))
+
+
+def _publish(hub: LocalHub, seed: int, commit: str, directory: Path) -> None:
+    """A random-weight Qwen3 as the Hub repo ``HUB_MODEL`` at ``commit``."""
+    _save_pair("qwen3", directory, seed)
+    for file in directory.iterdir():
+        hub.write(HUB_MODEL, file.name, file.read_bytes(), commit=commit)
+
+
+def test_a_hub_model_is_read_at_the_revision_transformer_lens_reads(local_hub: LocalHub, tmp_path: Path) -> None:
+    """``model_from_pretrained_kwargs`` that TransformerLens hands on to transformers (here a
+    revision whose weights differ from main's) reach the transformers model too."""
+    _publish(local_hub, seed=0, commit=COMMIT, directory=tmp_path / "main")
+    _publish(local_hub, seed=1, commit=REVISION, directory=tmp_path / "revision")
+    kwargs = {"revision": REVISION, "n_ctx": CONTEXT}  # n_ctx: TransformerLens's own, not for transformers
+
+    def runner(model_class_name: str) -> TranscoderTrainingRunner:
+        cfg = runner_config(
+            model_name=HUB_MODEL, model_class_name=model_class_name, model_from_pretrained_kwargs=kwargs,
+            output_path=str(tmp_path / model_class_name), training_tokens=CONTEXT * 40,
+        )
+        return TranscoderTrainingRunner(cfg, override_dataset=Dataset.from_dict({"input_ids": _tokens(40, seed=1).tolist()}))
+
+    source = runner("AutoModelForCausalLM").activations_store
+    assert isinstance(source.model, TransformersMLPHooks)
+    reference = runner("HookedTransformer")
+    got, _ = next(source.batches_with_state())
+    expected, _ = next(reference.activations_store.batches_with_state())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="the two models disagree"):  # main's weights are not the revision's
+        load_transformers_source(HUB_MODEL, reference.model, _hooks([0]))

@@ -11,8 +11,10 @@ HookedTransformer, and a probe batch checks that both models give the same activ
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from sae_lens.load_model import HookedProxyLM
@@ -35,6 +37,9 @@ _MODULES_FOR_HOOK = {
 }
 # Activations of the two models may differ by float rounding (different kernels), no more.
 _RELATIVE_TOLERANCE = 1e-3
+# HookedTransformer.from_pretrained's own parameters; it hands every other keyword (revision,
+# cache_dir, trust_remote_code, ...) to transformers' from_pretrained, and so does this module.
+_TRANSFORMER_LENS_ONLY_KWARGS = frozenset(inspect.signature(HookedTransformer.from_pretrained).parameters) | {"torch_dtype"}
 
 
 class TransformersMLPHooks(HookedProxyLM):
@@ -98,16 +103,24 @@ def _decoder_layer(modules: dict[str, torch.nn.Module], layer: int) -> str:
     return blocks[0]
 
 
-def load_transformers_source(model_name: str, model: HookedTransformer, hook_names: list[str]) -> TransformersMLPHooks:
+def load_transformers_source(
+    model_name: str, model: HookedTransformer, hook_names: list[str], from_pretrained_kwargs: dict[str, Any] | None = None
+) -> TransformersMLPHooks:
     """The transformers form of ``model_name`` (embedded SmolLM2, a local directory or a Hub
     name) on ``model``'s device and dtype, read through ``model``'s tokenizer so that both
-    tokenise the data identically, and checked to give ``model``'s activations at ``hook_names``."""
+    tokenise the data identically, and checked to give ``model``'s activations at ``hook_names``.
+
+    A Hub model gets the keywords of ``from_pretrained_kwargs`` (``model_from_pretrained_kwargs``)
+    that TransformerLens hands on to transformers, so both read the same revision and cache."""
+    local = Path(model_name).expanduser()
     if model_name == SMOLLM2_MODEL_NAME:
         hf_model, _ = load_smollm2_hf()
+    elif local.is_dir():
+        hf_model = AutoModelForCausalLM.from_pretrained(local)
     else:
-        local = Path(model_name).expanduser()
+        hub_kwargs = {k: v for k, v in (from_pretrained_kwargs or {}).items() if k not in _TRANSFORMER_LENS_ONLY_KWARGS}
         # A Hub name may be a TransformerLens alias ("gpt2-small"): transformers wants the repo id.
-        hf_model = AutoModelForCausalLM.from_pretrained(local if local.is_dir() else get_official_model_name(model_name))
+        hf_model = AutoModelForCausalLM.from_pretrained(get_official_model_name(model_name), **hub_kwargs)
     hf_model.config.use_cache = False  # activations are read once: no key/value cache to build
     hf_model = hf_model.to(device=model.cfg.device, dtype=model.cfg.dtype).eval()
     source = TransformersMLPHooks(hf_model, model.tokenizer, mlp_hook_modules(hf_model, hook_names))
