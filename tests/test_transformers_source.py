@@ -65,10 +65,13 @@ def test_transformers_forward_gives_the_hooked_transformers_mlp_activations(fami
         torch.testing.assert_close(got[hook], expected[hook], rtol=1e-4, atol=1e-5)
 
 
-def _runner(checkpoint: Path, tmp_path: Path, model_class_name: str, **sae: object) -> TranscoderTrainingRunner:
+def _runner(
+    model: Path | str, tmp_path: Path, model_class_name: str, model_kwargs: dict[str, object] | None = None, **sae: object
+) -> TranscoderTrainingRunner:
     cfg = runner_config(
-        model_name=str(checkpoint), model_class_name=model_class_name, output_path=str(tmp_path / model_class_name),
-        training_tokens=CONTEXT * 160, sae={"mlp_layers": "0-1", "mlp_layer": None, "d_sae": 128, **sae},
+        model_name=str(model), model_class_name=model_class_name, model_from_pretrained_kwargs=model_kwargs or {},
+        output_path=str(tmp_path / model_class_name), training_tokens=CONTEXT * 160,
+        sae={"mlp_layers": "0-1", "mlp_layer": None, "d_sae": 128, **sae},
     )
     return TranscoderTrainingRunner(cfg, override_dataset=Dataset.from_dict({"input_ids": _tokens(120, seed=1).tolist()}))
 
@@ -139,17 +142,9 @@ def test_a_hub_model_is_read_at_the_revision_transformer_lens_reads(local_hub: L
     _publish(local_hub, seed=0, commit=COMMIT, directory=tmp_path / "main")
     _publish(local_hub, seed=1, commit=REVISION, directory=tmp_path / "revision")
     kwargs = {"revision": REVISION, "n_ctx": CONTEXT}  # n_ctx: TransformerLens's own, not for transformers
-
-    def runner(model_class_name: str) -> TranscoderTrainingRunner:
-        cfg = runner_config(
-            model_name=HUB_MODEL, model_class_name=model_class_name, model_from_pretrained_kwargs=kwargs,
-            output_path=str(tmp_path / model_class_name), training_tokens=CONTEXT * 40,
-        )
-        return TranscoderTrainingRunner(cfg, override_dataset=Dataset.from_dict({"input_ids": _tokens(40, seed=1).tolist()}))
-
-    source = runner("AutoModelForCausalLM").activations_store
+    source = _runner(HUB_MODEL, tmp_path, "AutoModelForCausalLM", kwargs).activations_store
     assert isinstance(source.model, TransformersMLPHooks)
-    reference = runner("HookedTransformer")
+    reference = _runner(HUB_MODEL, tmp_path, "HookedTransformer", kwargs)
     got, _ = next(source.batches_with_state())
     expected, _ = next(reference.activations_store.batches_with_state())
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
