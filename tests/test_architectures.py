@@ -488,13 +488,16 @@ def test_preacts_with_sparse_grad_equal_autograd(densities: tuple[float, float],
         torch.testing.assert_close(fused_grad, autograd_grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("ste_to_input", [False, True])
 @pytest.mark.parametrize("arch", ["jumprelu_transcoder", "jumprelu_skip_transcoder"])
 def test_jumprelu_gathered_decode_keeps_the_threshold_gradient_and_equals_the_dense_step(
-    arch: str, monkeypatch: pytest.MonkeyPatch
+    arch: str, ste_to_input: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With thresholds at each feature's 98th percentile about 3% of the codes are active, and
     some inactive codes lie within half a bandwidth below their threshold, where the
-    straight-through estimator reads their gradient: the gathered decode must hand it to them."""
+    straight-through estimator reads their gradient: the gathered decode must hand it to them,
+    and the JumpReLU's backward, taken at the gathered entries alone, must give SAELens's
+    threshold and input gradients (also with the estimator's term passed on to the input)."""
     import sae_lens_transcoder.saes.mixin as mixin
 
     gathered: list[int] = []
@@ -505,7 +508,10 @@ def test_jumprelu_gathered_decode_keeps_the_threshold_gradient_and_equals_the_de
     results = []
     for impl in ("dense", "auto"):
         torch.manual_seed(1)
-        sae = sae_cls(cfg_cls(d_in=16, d_sae=1024, d_out=12, decoder_impl=impl, jumprelu_bandwidth=0.005, b_enc_init="zeros", **SETTINGS[arch]))
+        sae = sae_cls(cfg_cls(
+            d_in=16, d_sae=1024, d_out=12, decoder_impl=impl, jumprelu_bandwidth=0.005, b_enc_init="zeros",
+            jumprelu_ste_to_input=ste_to_input, **SETTINGS[arch],
+        ))
         if sae.cfg.has_skip:
             torch.nn.init.normal_(sae.W_skip, std=0.1)
         with torch.no_grad():
