@@ -45,7 +45,7 @@ def real_batches(args: argparse.Namespace) -> tuple[Path, peers.TranscoderTraini
     model = load_model(peers.MODEL, cache_dir=".cache/models")
     runner_args = argparse.Namespace(
         d_sae=args.d_sae, layer=args.layer, tokens=args.batch * 64, batch=args.batch, lr=2e-3,
-        train_dataset=peers.EMBEDDED_DATASET, lm_autocast=False,
+        train_dataset=peers.EMBEDDED_DATASET, lm_autocast=False, our_auxk="on",
     )
     runner = peers.transcoder_runner("topk_transcoder", args.k, model, load_text_split("train"), runner_args)
     path = args.workdir / f"batches_{args.batch}_l{args.layer}.pt"
