@@ -37,6 +37,7 @@ from sae_lens_transcoder.saes.transcoder import TRAINING_CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHITECTURE = "jumprelu_skip_transcoder"
+L0_COEFFICIENT = 0.07  # the main job's
 
 
 def real_batch(layer: int, batch: int) -> torch.Tensor:
@@ -60,15 +61,14 @@ def training_transcoder(path: Path, impl: str) -> torch.nn.Module:
     them, so it reads raw activations)."""
     saved = SAE.load_from_disk(path, device="cpu")
     sae_cls, cfg_cls = TRAINING_CLASSES[ARCHITECTURE]
-    cfg = cfg_cls(d_in=saved.cfg.d_in, d_sae=saved.cfg.d_sae, d_out=saved.cfg.d_out, decoder_impl=impl, l0_coefficient=0.07)
+    cfg = cfg_cls(d_in=saved.cfg.d_in, d_sae=saved.cfg.d_sae, d_out=saved.cfg.d_out, decoder_impl=impl, l0_coefficient=L0_COEFFICIENT)
     sae = sae_cls(cfg)
-    sae.load_state_dict(saved.state_dict(), strict=False)
-    sae._data_init_pending = {"b_dec": False, "b_enc": False, "topk_threshold": False}
+    sae.load_state_dict(saved.state_dict())
     return sae
 
 
 def step_timer(sae: torch.nn.Module, packed: torch.Tensor) -> Callable[[], float]:
-    coefficients = {"l0": 0.07}
+    coefficients = {"l0": L0_COEFFICIENT}
 
     def once() -> float:
         start = time.perf_counter()
